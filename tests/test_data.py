@@ -1,0 +1,133 @@
+"""Data formats on real data: detection, chat-template loss masks, packing, splits, caching, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from unitrain.data import pipeline
+from unitrain.data.formats import detect_format, row_to_example
+from unitrain.data.pack import BatchOrder, pack_examples
+from unitrain.data.tokenize import IGNORE, tokenize_example
+from unitrain.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def _loss_text(tok, ex):
+    return tok.decode([t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE])
+
+
+def test_detect_formats_and_field_mapping():
+    assert detect_format(["question", "answer"], {}) == "qa"
+    assert detect_format(["instruction", "input", "output"], {}) == "instruction"
+    assert detect_format(["messages"], {}) == "chat"
+    assert detect_format(["text", "meta"], {}) == "text"
+    assert detect_format(["problem", "solution"], {"question": "problem", "answer": "solution"}) == "qa"
+    with pytest.raises(DataError, match="data.fields"):
+        detect_format(["foo", "bar"], {})
+    with pytest.raises(DataError, match=r"needs column\(s\) \['instruction', 'output'\]"):
+        detect_format(["question", "answer"], {}, "instruction")
+
+
+def test_gsm8k_loss_only_on_the_answer(tokenizer, shared_data):
+    row = json.loads((shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()[0])
+    ex = tokenize_example(row_to_example(row, "qa", {}, None, 0), tokenizer, 1024, use_template=True)
+    trained = _loss_text(tokenizer, ex)
+    assert trained.startswith(row["answer"]) and trained.endswith("<|im_end|>\n")
+    assert row["question"] not in trained
+    full = tokenizer.decode(ex["input_ids"])
+    assert row["question"] in full and "<|im_start|>assistant\n" in full
+
+
+def test_multi_turn_chat_masks_every_assistant_turn(tokenizer):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    ex = tokenize_example(row_to_example({"messages": msgs}, "chat", {}, None, 0), tokenizer, 512, True)
+    trained = _loss_text(tokenizer, ex)
+    assert "Hello!" in trained and "4<|im_end|>" in trained and "2+2?" not in trained and "Hi" not in trained
+
+
+def test_instruction_format_without_template_uses_plain_layout(tokenizer):
+    row = {"instruction": "Translate", "input": "bonjour", "output": "hello"}
+    ex = tokenize_example(row_to_example(row, "instruction", {}, "Be brief.", 0), tokenizer, 512, False)
+    full = tokenizer.decode(ex["input_ids"])
+    assert "### System:\nBe brief." in full and "### User:\nTranslate\n\nbonjour" in full
+    assert _loss_text(tokenizer, ex).strip().startswith("hello")
+
+
+def test_raw_text_trains_every_token_and_truncates(tokenizer, shared_data):
+    text = (shared_data / "tinyshakespeare" / "input.txt").read_text()[:2000]
+    ex = tokenize_example(row_to_example({"text": text}, "text", {}, None, 0), tokenizer, 64, True)
+    assert ex["truncated"] and ex["n_tokens"] == 64 and ex["labels"] == ex["input_ids"]
+
+
+def test_packing_keeps_examples_whole_and_masks_padding():
+    exs = [{"input_ids": [1] * n, "labels": [IGNORE] * (n - 2) + [5, 5]} for n in (5, 4, 3, 7, 2)]
+    seqs = pack_examples(exs, 10, pad_id=0, packing=True)
+    assert seqs.lengths.tolist() == [9, 10, 2]  # 5+4 | 3+7 | 2
+    assert (seqs.labels[0, 9:] == IGNORE).all()
+    assert seqs.n_loss_tokens == 9  # 10 labelled, but the first token of a sequence is never predicted
+    unpacked = pack_examples(exs, 10, pad_id=0, packing=False)
+    assert len(unpacked) == 5
+
+
+def test_batch_order_is_deterministic_disjoint_and_covers_each_epoch():
+    order = BatchOrder(n=24, global_batch=8, seed=3)
+    epoch0 = np.concatenate([order.step_indices(s) for s in range(3)])
+    assert sorted(epoch0.tolist()) == list(range(24))  # every sequence once per epoch
+    assert (order.step_indices(1) == BatchOrder(24, 8, 3).step_indices(1)).all()
+    r0 = np.concatenate(order.micro_batches(2, micro=2, rank=0, world=2))
+    r1 = np.concatenate(order.micro_batches(2, micro=2, rank=1, world=2))
+    assert not set(r0) & set(r1) and len(r0) == len(r1) == 4
+    assert not (order.step_indices(3) == order.step_indices(0)).all()  # epoch 1 is reshuffled
+
+
+@pytest.mark.parametrize("source,fmt", [("gsm8k/train.jsonl", "qa"), ("pretrain/c4_demo.jsonl", "text"),
+                                        ("tinyshakespeare/input.txt", "text")])
+def test_pipeline_on_real_data(tiny_recipe, shared_data, tokenizer, source, fmt):
+    r = tiny_recipe(**{"data.train": str(shared_data / source), "data.max_examples": 40})
+    tok = pipeline.tokenize_data(r, tokenizer)
+    assert tok.format == fmt and len(tok.train) > 0 and len(tok.eval) > 0
+    data = pipeline.finalize(tok, r, tokenizer.pad_token_id)
+    assert data.train.seq_len == r.data.max_length
+    if fmt == "text":
+        assert (data.train.lengths == r.data.max_length).all()  # full blocks
+
+
+def test_tokenization_is_cached(tiny_recipe, tokenizer, tmp_path):
+    r = tiny_recipe(**{"data.cache_dir": str(tmp_path / "cache")})
+    pipeline.tokenize_data(r, tokenizer)
+    files = sorted((tmp_path / "cache").glob("*.arrow"))
+    assert len(files) == 2  # train + eval
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    pipeline.tokenize_data(r, tokenizer)
+    assert [f.stat().st_mtime_ns for f in files] == mtimes  # reused, not rewritten
+    r2 = tiny_recipe(**{"data.cache_dir": str(tmp_path / "cache"), "data.max_length": 64})
+    pipeline.tokenize_data(r2, tokenizer)
+    assert len(list((tmp_path / "cache").glob("*.arrow"))) == 4  # new settings -> new cache entries
+
+
+def test_bad_data_gets_clear_errors(tiny_recipe, tokenizer, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"question": "q", "answer": ""}\n' * 5)
+    with pytest.raises(DataError, match="no training examples left"):
+        pipeline.tokenize_data(tiny_recipe(**{"data.train": str(empty), "data.eval_split": 1}), tokenizer)
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"prompt": "q", "completion": "a"}\n' * 5)
+    with pytest.raises(DataError, match="cannot tell the data format"):
+        pipeline.tokenize_data(tiny_recipe(**{"data.train": str(wrong)}), tokenizer)
+    mapped = tiny_recipe(**{"data.train": str(wrong), "data.eval_split": 1,
+                            "data.fields": {"question": "prompt", "answer": "completion"}})
+    assert len(pipeline.tokenize_data(mapped, tokenizer).train) == 4
+    with pytest.raises(DataError, match="data file not found"):
+        from unitrain.data.load import load_rows
+
+        load_rows(str(tmp_path / "missing.jsonl"))

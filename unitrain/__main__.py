@@ -1,0 +1,3 @@
+from unitrain.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""`unitrain` command line: parse, call, print. User mistakes print one paragraph and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from unitrain import __version__
+from unitrain.errors import UnitrainError
+
+EPILOG = """examples:
+  unitrain run recipes/quickstart.yaml
+  unitrain run recipes/quickstart.yaml training.lr=1e-4 name=lr-sweep-1
+  unitrain plan recipes/llama-lora.yaml --gpus 1 --gpu-memory 24GiB --budget 2e18
+  torchrun --nproc_per_node 2 -m unitrain run RECIPE
+  deepspeed --num_gpus 2 $(which unitrain) run RECIPE
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unitrain", description="Train language models under explicit resource limits: "
+                                "plan, run, and stop when more compute stops paying.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"unitrain {__version__}")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="plan and train a recipe", description="Plan, then train RECIPE. Overrides are "
+                         "key=value pairs merged into the recipe, e.g. training.lr=1e-4.")
+    run.add_argument("recipe")
+    run.add_argument("overrides", nargs="*", metavar="key=value")
+    run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    plan = sub.add_parser("plan", help="print the plan for a recipe without training")
+    plan.add_argument("recipe")
+    plan.add_argument("overrides", nargs="*", metavar="key=value")
+    plan.add_argument("--gpus", type=int, help="GPUs per node")
+    plan.add_argument("--nodes", type=int)
+    plan.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GiB")
+    plan.add_argument("--cpu-memory", help="CPU memory per node, e.g. 512GiB")
+    plan.add_argument("--accelerator", help="e.g. H100, A100-80GB, L4")
+    plan.add_argument("--budget", help="FLOPs (2e19), GPU-hours (6h) or tokens (50M tokens)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--deepspeed-config", metavar="OUT.json", help="write the DeepSpeed config the plan implies")
+    plan.add_argument("--scan-data", action="store_true", help="tokenize the data to plan epochs and subset size")
+
+    sel = sub.add_parser("select", help="score the data and write the subset the budget affords")
+    sel.add_argument("recipe")
+    sel.add_argument("overrides", nargs="*", metavar="key=value")
+    sel.add_argument("--budget", help="FLOPs, GPU-hours or tokens (default: the recipe's)")
+    sel.add_argument("--out", required=True, help="subset JSONL to write (the report goes beside it)")
+    sel.add_argument("--encoder", default="default", help="sentence-transformers model for embeddings, or none")
+    return p
+
+
+def _load(args, extra: list[str] = ()):  # noqa: ANN001
+    from unitrain.recipe import load_recipe
+
+    return load_recipe(args.recipe, list(args.overrides) + list(extra))
+
+
+def cmd_run(args, console) -> int:
+    from unitrain.train.run import run_recipe
+
+    recipe = _load(args)
+    result = run_recipe(recipe, console)
+    if result.exit_code == 0:
+        line = f"done: {result.steps} steps ({result.stop_reason})"
+        if result.final_eval_loss is not None:
+            before = f"{result.initial_eval_loss:.4f} -> " if result.initial_eval_loss is not None else ""
+            line += f", eval loss {before}{result.final_eval_loss:.4f}"
+        if result.exact_match is not None:
+            before = f"{result.initial_exact_match:.3f} -> " if result.initial_exact_match is not None else ""
+            line += f", exact match {before}{result.exact_match:.3f}"
+        console.print(f"{line}\nrun directory: {result.run_dir}", highlight=False)
+    return result.exit_code
+
+
+def _resource_overrides(args) -> list[str]:
+    pairs = {"gpus": "resources.gpus_per_node", "nodes": "resources.nodes", "gpu_memory": "resources.gpu_memory",
+             "cpu_memory": "resources.cpu_memory", "accelerator": "resources.accelerator",
+             "budget": "resources.budget"}
+    return [f"{key}={getattr(args, a)}" for a, key in pairs.items() if getattr(args, a, None) is not None]
+
+
+def cmd_plan(args, console) -> int:
+    from unitrain import model as M
+    from unitrain.plan import make_plan
+    from unitrain.plan.report import print_plan
+    from unitrain.strategy import deepspeed_config
+
+    recipe = _load(args, _resource_overrides(args))
+    stats = None
+    if args.scan_data:
+        from unitrain.data import pipeline
+
+        tok = M.load_tokenizer(recipe.model, recipe.base_dir)
+        stats = pipeline.data_stats(pipeline.tokenize_data(recipe, tok), recipe, tok.pad_token_id)
+    plan = make_plan(recipe, data_stats=stats)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2, default=str))
+    else:
+        print_plan(plan, console)
+    if args.deepspeed_config:
+        with open(args.deepspeed_config, "w") as f:
+            json.dump(deepspeed_config(plan, recipe), f, indent=2)
+        console.print(f"DeepSpeed config written to {args.deepspeed_config}")
+    return 0
+
+
+def cmd_select(args, console) -> int:
+    from unitrain.data.select_cli import run_select
+
+    recipe = _load(args, [f"resources.budget={args.budget}"] if args.budget else [])
+    return run_select(recipe, args.out, args.encoder, console)
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "select": cmd_select}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    args = _parser().parse_args(argv)
+    if args.local_rank is not None:  # the deepspeed launcher passes --local_rank; torch reads LOCAL_RANK
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    logging.basicConfig(level=os.environ.get("UNITRAIN_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    console = Console(stderr=False)
+    try:
+        return COMMANDS[args.command](args, console)
+    except UnitrainError as e:
+        Console(stderr=True).print(f"error: {e}", markup=False, highlight=False, style="red")
+        return e.exit_code
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""Budget-aware data selection: which examples fill the tokens the budget affords.
+
+Cheap signals first, in this order; each example gets the first reason that removes it:
+  1. bad rows — missing/non-text fields, invalid UTF-8: counted in `skipped` and listed in `dropped`;
+  2. format filters — `empty`, `too_long` (supervised, > seq_len), `truncated_answer` (score.py);
+  3. `exact_duplicate` (normalised hash) and `near_duplicate` (MinHash, shingle Jaccard ≥ 0.8 of
+     the whole example) — the later copy goes, its report names the kept one.
+What survives is the *clean* data, T_clean tokens. With a token budget B the policy is:
+
+- **keep_all_repeat** (B ≥ T_clean: data is scarce). Keep every clean example and repeat it
+  epochs = min(B / T_clean, max_epochs) times: repeated data is worth nearly as much as fresh data
+  up to ~4 epochs (Muennighoff et al. 2023), so nothing is thrown away. When B > max_epochs·T_clean
+  the data cannot use the budget; the reason says how many tokens are left unused.
+- **select** (B < T_clean: data is abundant), one pass (epochs = 1), fraction ρ = B / T_clean:
+  * soft redundancy is dropped first: the same question asked again (prompt Jaccard ≥ 0.8 with a
+    different answer; a prompt shared by ≥ 5 examples is a template and exempt) and semantic
+    duplicates (embedding cosine ≥ 0.95 within a k-means cluster). They are kept while data is
+    scarce — they carry distinct tokens — and only used to fill the budget last;
+  * diversity: examples are clustered (k-means on sentence embeddings, √n clusters) and every
+    cluster contributes in proportion to its tokens (stratified, so no topic is lost by chance);
+  * difficulty: the prototype distance (cosine to the cluster centroid, Sorscher et al. 2022), or
+    the model's IFD/loss when those pay (below). Following Sorscher et al. and CADS, a small
+    budget (ρ < HARD_SWITCH) keeps the easiest examples of each cluster (**select_clean_easy_diverse**);
+    a large one keeps the hardest, minus the 2% most atypical of each cluster, likely noise
+    (**select_with_hard**). Without embeddings or model scores: **select_clean_random**.
+  * model signals (loss, IFD) are bought only when they cost ≤ 10% of the FLOP budget (see
+    score.model_signals_pay: with the trained model as scorer they never do, Yin & Rush 2024).
+    Then ≤ 2·B tokens of candidates are drawn by cheap signals and scored; all selector FLOPs
+    (embedding + scoring) are charged: B' = B · (1 − selector_flops / budget_flops).
+- **keep_all** (no budget): every clean example, one pass.
+
+Deterministic for a seed (k-means init, tie-breaks and the training order all come from it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from unitrain.data import dedup, score
+from unitrain.errors import DataError
+
+HARD_SWITCH = 0.25  # ρ at which the policy turns from easy-first to hard-first
+NEAR_DUP_JACCARD = 0.8
+EMBED_DUP_COSINE = 0.95
+TEMPLATE_MIN = 5  # a prompt shared by this many examples is a template, not a repeated question
+OUTLIER_SHARE = 0.02  # hardest share of each cluster treated as likely noise in hard-first mode
+
+
+@dataclass
+class Selection:
+    indices: list[int]  # kept record indices, in training order (a seeded shuffle); epochs repeat them
+    epochs: float
+    policy: str
+    reason: str
+    dropped: dict[int, dict]  # index -> {"why", "of", "score"}
+    tokens_kept: int
+    scores: dict[str, list[float]]  # per-record signals aligned with the records (nan = not computed)
+    skipped: dict[str, int]  # bad rows by kind
+    selector_flops: float
+    details: dict = field(default_factory=dict)  # the numbers behind the decision
+    records: list = field(default=None, repr=False, compare=False)
+
+    def report(self) -> dict:
+        dist = {}
+        for k, v in self.scores.items():
+            a = np.asarray(v, dtype=np.float64)
+            a = a[np.isfinite(a)]
+            if len(a):
+                q = np.quantile(a, [0, 0.1, 0.5, 0.9, 1])
+                dist[k] = {"n": int(len(a)), "mean": float(a.mean()), "min": float(q[0]), "p10": float(q[1]),
+                           "p50": float(q[2]), "p90": float(q[3]), "max": float(q[4])}
+        return {"policy": self.policy, "reason": self.reason, "epochs": self.epochs,
+                "n_records": self.details.get("n_records"), "n_kept": len(self.indices),
+                "tokens_kept": self.tokens_kept, "dropped_by_reason": dict(Counter(d["why"] for d in self.dropped.values())),
+                "skipped": dict(self.skipped), "selector_flops": self.selector_flops, "details": self.details,
+                "score_distributions": dist}
+
+    def write(self, out_path: str | Path) -> Path:
+        """The subset as jsonl (training order, each record plus its "index") and `<out>.report.json`."""
+        if self.records is None:
+            raise DataError("this Selection carries no records to write; call select_subset(...) to get one")
+        out = Path(out_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", encoding="utf-8") as f:
+            for i in self.indices:
+                f.write(json.dumps({**self.records[i], "index": i}, ensure_ascii=False) + "\n")
+        rep = out.with_suffix(".report.json")
+        full = self.report()
+        full["dropped"] = {str(i): d for i, d in sorted(self.dropped.items())}
+        rep.write_text(json.dumps(full, indent=1, default=float))
+        return rep
+
+
+def random_subset(records: list[dict], n_tokens: int, *, seed: int) -> list[int]:
+    """The baseline: a uniformly random subset of all records with ~n_tokens tokens (no cleaning)."""
+    rows, _ = score.read_rows(records)
+    order = np.random.default_rng(seed).permutation(len(rows))
+    return [rows[k].index for k in _fill(order, [r.n_tokens for r in rows], n_tokens)]
+
+
+def _fill(order, tokens, budget: int) -> list[int]:
+    """Take positions in `order` until the budget; the last one only if it lands closer to it."""
+    taken, total = [], 0
+    for k in order:
+        t = tokens[k]
+        if total + t > budget:
+            if budget - total > total + t - budget:
+                taken.append(k)
+            break
+        taken.append(k)
+        total += t
+    return taken
+
+
+def _within_rank(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Percentile rank (0 = lowest) of each value inside its cluster."""
+    rank = np.zeros(len(values))
+    for c in np.unique(labels):
+        m = np.flatnonzero(labels == c)
+        rank[m] = np.argsort(np.argsort(values[m], kind="stable"), kind="stable") / max(1, len(m) - 1)
+    return rank
+
+
+def _stratified_order(tokens: np.ndarray, labels: np.ndarray, priority: np.ndarray, tier: np.ndarray,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Positions ordered by (tier, share of its cluster's tokens already taken before it).
+
+    Inside a cluster examples come in `priority` order (low first); sorting by the cumulative
+    token share makes every cluster advance through its tokens at the same rate, so any prefix is
+    a proportional, stratified sample.
+    """
+    share = np.zeros(len(tokens))
+    for c in np.unique(labels):
+        m = np.flatnonzero(labels == c)
+        m = m[np.lexsort((priority[m], tier[m]))]
+        share[m] = (np.cumsum(tokens[m]) - tokens[m]) / tokens[m].sum()
+    return np.lexsort((rng.random(len(tokens)), share, tier))
+
+
+def select_subset(records: list[dict], token_budget: int | None, *, seq_len: int, seed: int,
+                  max_epochs: float = 4.0, encoder: str | None = "default", model_scorer: Callable | None = None,
+                  scorer_flops_per_token: float | None = None, budget_flops: float | None = None,
+                  batch_size: int = 1, embed_max_tokens: int | None = None,
+                  cache_dir: str | Path | None = None) -> Selection:
+    """Choose the training subset for `token_budget` tokens (see the module docstring for the policy).
+
+    `batch_size`: sequences per optimizer step; fewer usable examples than that is an error.
+    `cache_dir`: where embeddings are cached (keyed by encoder and texts), None = no cache.
+    """
+    rows, bad = score.read_rows(records)
+    dropped: dict[int, dict] = {i: {"why": why, "of": None, "score": None} for i, why in bad.items()}
+    skipped = dict(Counter(bad.values()))
+    if len(rows) < max(1, batch_size):
+        raise DataError(f"data selection: only {len(rows)} usable example(s) of {len(records)} ({skipped or 'none'} "
+                        f"skipped), fewer than one batch of {batch_size}. Add data or lower "
+                        f"training.global_batch_size.")
+    n = len(records)
+    tokens_of = {r.index: r.n_tokens for r in rows}
+    scores = {"n_tokens": [float(tokens_of.get(i, math.nan)) for i in range(n)]}
+    rule = score.truncation_rule(rows)
+    details = {"n_records": n, "seq_len": seq_len, "token_budget": token_budget, "seed": seed,
+               "truncation_rule": {"kind": rule[0], "marker": rule[1]}}
+
+    survivors = []
+    for r in rows:
+        why = score.format_filter(r, seq_len=seq_len, rule=rule)
+        if why:
+            dropped[r.index] = {"why": why, "of": None, "score": float(r.n_tokens) if why == "too_long" else None}
+        else:
+            survivors.append(r)
+    exact = dedup.exact_duplicates((r.index, r.text) for r in survivors)
+    for i, j in exact.items():
+        dropped[i] = {"why": "exact_duplicate", "of": j, "score": 1.0}
+    survivors = [r for r in survivors if r.index not in exact]
+    near = dedup.near_duplicates(((r.index, r.text) for r in survivors), threshold=NEAR_DUP_JACCARD)
+    for i, (j, jac) in near.items():
+        dropped[i] = {"why": "near_duplicate", "of": j, "score": round(jac, 4), "on": "text"}
+    clean = [r for r in survivors if r.index not in near]
+    if len(clean) < max(1, batch_size):
+        raise DataError(f"data selection: {len(clean)} clean example(s) remain of {len(records)} after removing "
+                        f"{dict(Counter(d['why'] for d in dropped.values()))}, fewer than one batch of {batch_size}. "
+                        f"Add data, raise data.max_length, or lower training.global_batch_size.")
+    t_clean = sum(r.n_tokens for r in clean)
+    details.update(clean_examples=len(clean), clean_tokens=t_clean)
+    rng = np.random.default_rng(seed)
+
+    def done(kept: list[int], epochs: float, policy: str, reason: str, flops: float = 0.0) -> Selection:
+        kept = [kept[k] for k in rng.permutation(len(kept))]
+        return Selection(kept, float(epochs), policy, reason, dropped, sum(tokens_of[i] for i in kept),
+                         scores, skipped, flops, details, records)
+
+    if token_budget is None:
+        return done([r.index for r in clean], 1.0, "keep_all",
+                    f"no token budget: all {len(clean):,} clean examples ({t_clean:,} tokens), one pass")
+    if token_budget >= t_clean:
+        epochs = min(token_budget / t_clean, max_epochs)
+        unused = token_budget - epochs * t_clean
+        reason = (f"data is scarce: budget {token_budget:,} tokens ≥ clean data {t_clean:,} tokens, so all "
+                  f"{len(clean):,} clean examples are kept and repeated {epochs:.2f}× (repeats are worth nearly "
+                  f"as much as fresh data up to ~{max_epochs:g} epochs)")
+        if unused > 0:
+            reason += f"; capped at {max_epochs:g} epochs, {unused:,.0f} budget tokens stay unused"
+        return done([r.index for r in clean], epochs, "keep_all_repeat", reason)
+    return _select(records, clean, token_budget, t_clean, rng, done, dropped, scores, details, seed=seed,
+                   encoder=encoder, embed_max_tokens=embed_max_tokens, cache_dir=cache_dir, model_scorer=model_scorer,
+                   scorer_flops_per_token=scorer_flops_per_token, budget_flops=budget_flops)
+
+
+def _prompt_duplicates(clean: list[score.Row]) -> dict[int, tuple[int, float]]:
+    """The same question asked again with another answer; template prompts (≥ TEMPLATE_MIN uses) are exempt."""
+    sup = [r for r in clean if r.supervised]
+    dups = dedup.near_duplicates(((r.index, r.prompt) for r in sup), threshold=NEAR_DUP_JACCARD)
+    group = Counter(j for j, _ in dups.values())
+    return {i: (j, s) for i, (j, s) in dups.items() if group[j] + 1 < TEMPLATE_MIN}
+
+
+def embed_text(r: score.Row, max_tokens: int) -> str:
+    """Head and tail of the example (~4 characters per token): the start names the topic, the end the ask."""
+    t, half = r.text, 2 * max_tokens
+    return t if len(t) <= 2 * half else f"{t[:half]} … {t[-half:]}"
+
+
+def _select(records, clean, budget, t_clean, rng, done, dropped, scores, details, *, seed, encoder,
+            embed_max_tokens, cache_dir, model_scorer, scorer_flops_per_token, budget_flops) -> Selection:
+    from unitrain.data import embed as emb_mod
+
+    n, m = len(records), len(clean)
+    rho = budget / t_clean
+    idx = np.array([r.index for r in clean])
+    tok = np.array([r.n_tokens for r in clean], dtype=np.float64)
+    notes, flops = [], 0.0
+    redundant: dict[int, dict] = {}
+    for i, (j, s) in _prompt_duplicates(clean).items():
+        redundant[i] = {"why": "near_duplicate", "of": j, "score": round(s, 4), "on": "prompt"}
+
+    labels = np.zeros(m, dtype=np.int64)
+    difficulty = None
+    if encoder is None:
+        notes.append("embeddings skipped (encoder=None): no semantic dedup, clusters or prototype difficulty")
+    else:
+        enc = emb_mod.load_encoder(encoder, max_tokens=embed_max_tokens or emb_mod.DEFAULT_MAX_TOKENS)
+        est = enc.flops_per_token * sum(min(r.n_tokens, enc.max_tokens) for r in clean)
+        if budget_flops is not None and est > score.MODEL_SIGNAL_MAX_SHARE * budget_flops:
+            notes.append(f"embeddings skipped: ≈{est:.3g} FLOPs > {score.MODEL_SIGNAL_MAX_SHARE:.0%} of the budget")
+        else:
+            e, f = emb_mod.embed_texts([embed_text(r, enc.max_tokens) for r in clean], enc, cache_dir=cache_dir)
+            flops += f
+            k = dedup.default_n_clusters(m)
+            labels, dist = dedup.cluster(e, n_clusters=k, seed=seed)
+            for row, (j, cos) in dedup.embedding_duplicates(e, labels, threshold=EMBED_DUP_COSINE).items():
+                redundant.setdefault(int(idx[row]), {"why": "embedding_duplicate", "of": int(idx[j]),
+                                                     "score": round(cos, 4)})
+            difficulty = dist.astype(np.float64)
+            proto = np.full(n, math.nan)
+            proto[idx] = dist
+            scores["prototype_distance"] = proto.tolist()
+            details["encoder"] = {"name": enc.name, "source": enc.source, "max_tokens": enc.max_tokens,
+                                  "clusters": k, "embedding_flops": f}
+    tier = np.array([1 if i in redundant else 0 for i in idx])
+    pool = np.arange(m)
+
+    if model_scorer is not None:
+        cand_order = _stratified_order(tok, labels, rng.random(m), tier, rng)
+        cand = np.array(_fill(cand_order, tok, int(score.CANDIDATE_FACTOR * budget)))
+        ifd = any(clean[c].supervised for c in cand)
+        use, cost, why = score.model_signals_pay(candidate_tokens=int(tok[cand].sum()), ifd=ifd,
+                                                 scorer_flops_per_token=scorer_flops_per_token,
+                                                 budget_flops=budget_flops)
+        notes.append(why)
+        details["model_signals"] = {"used": use, "flops": cost, "candidates": int(len(cand))}
+        if use:
+            got = score.run_model_scorer(model_scorer, records, [int(idx[c]) for c in cand])
+            flops += cost
+            loss, ifds = np.full(n, math.nan), np.full(n, math.nan)
+            for i, (lq, v) in got.items():
+                loss[i], ifds[i] = lq, (v if v is not None else math.nan)
+            scores["loss"], scores["ifd"] = loss.tolist(), ifds.tolist()
+            signal = ifds[idx] if np.isfinite(ifds[idx[cand]]).any() else loss[idx]
+            pool = cand[np.isfinite(signal[cand])]
+            difficulty = np.where(np.isfinite(signal), signal, np.nanmedian(signal[pool]))
+
+    if budget_flops is not None and flops:
+        budget = int(budget * max(0.0, 1 - flops / budget_flops))
+        notes.append(f"selector FLOPs {flops:.3g} charged: {budget:,} training tokens remain")
+    if difficulty is None:
+        policy, priority = "select_clean_random", rng.random(m)
+    else:
+        rank = _within_rank(difficulty, labels)
+        if rho < HARD_SWITCH:
+            policy, priority = "select_clean_easy_diverse", rank
+        else:  # hardest first, the most atypical OUTLIER_SHARE of each cluster last
+            policy, priority = "select_with_hard", np.where(rank > 1 - OUTLIER_SHARE, 1 + rank, 1 - rank)
+        ranks = np.full(n, math.nan)
+        ranks[idx[pool]] = rank[pool]
+        scores["difficulty_rank"] = ranks.tolist()
+    order = pool[_stratified_order(tok[pool], labels[pool], priority[pool], tier[pool], rng)]
+    take = set(order[_fill(range(len(order)), tok[order], budget)].tolist()) if len(order) else set()
+    kept = [int(idx[p]) for p in sorted(take)]
+    for p in range(m):
+        if p in take:
+            continue
+        i = int(idx[p])
+        dropped[i] = redundant.get(i) or {"why": "not_selected", "of": None,
+                                          "score": None if difficulty is None else round(float(difficulty[p]), 5)}
+    details.update(budget_fraction=rho, redundant=len(redundant), hard_switch=HARD_SWITCH, notes=notes)
+    reason = (f"data is abundant: budget {budget:,} tokens < clean data {t_clean:,} tokens (ρ = {rho:.1%}); "
+              + {"select_clean_random": "no difficulty signal, random clean examples",
+                 "select_clean_easy_diverse": f"ρ < {HARD_SWITCH:.0%}: easiest of every cluster, stratified",
+                 "select_with_hard": f"ρ ≥ {HARD_SWITCH:.0%}: hardest of every cluster, stratified, minus "
+                                     f"the {OUTLIER_SHARE:.0%} most atypical"}[policy]
+              + (f"; {len(redundant):,} redundant examples go last" if redundant else "")
+              + "".join(f"; {x}" for x in notes))
+    return done(kept, 1.0, policy, reason, flops)

