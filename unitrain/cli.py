@@ -67,7 +67,7 @@ def cmd_run(args, console) -> int:
 
     recipe = _load(args)
     result = run_recipe(recipe, console)
-    if result.exit_code == 0:
+    if result.exit_code == 0 and int(os.environ.get("RANK", "0")) == 0:
         line = f"done: {result.steps} steps ({result.stop_reason})"
         if result.final_eval_loss is not None:
             before = f"{result.initial_eval_loss:.4f} -> " if result.initial_eval_loss is not None else ""
@@ -87,14 +87,14 @@ def _resource_overrides(args) -> list[str]:
 
 
 def cmd_plan(args, console) -> int:
-    from unitrain import model as M
+    # torch-importing modules only when needed: a plan for a hub name or config takes well under a second
     from unitrain.plan import make_plan
     from unitrain.plan.report import print_plan
-    from unitrain.strategy import deepspeed_config
 
     recipe = _load(args, _resource_overrides(args))
     stats = None
     if args.scan_data:
+        from unitrain import model as M
         from unitrain.data import pipeline
 
         tok = M.load_tokenizer(recipe.model, recipe.base_dir)
@@ -105,6 +105,8 @@ def cmd_plan(args, console) -> int:
     else:
         print_plan(plan, console)
     if args.deepspeed_config:
+        from unitrain.strategy import deepspeed_config
+
         with open(args.deepspeed_config, "w") as f:
             json.dump(deepspeed_config(plan, recipe), f, indent=2)
         console.print(f"DeepSpeed config written to {args.deepspeed_config}")
@@ -124,7 +126,7 @@ COMMANDS = {"run": cmd_run, "plan": cmd_plan, "select": cmd_select}
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     if args.local_rank is not None:  # the deepspeed launcher passes --local_rank; torch reads LOCAL_RANK
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     if args.command is None:

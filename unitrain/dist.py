@@ -29,8 +29,13 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init(timeout_s: float = 300.0) -> Context:
-    """Join the launcher's process group (gloo on CPU, nccl on CUDA). A dead rank ends the others after timeout_s."""
+def init(timeout_s: float | None = None) -> Context:
+    """Join the launcher's process group (gloo on CPU, nccl on CUDA).
+
+    A rank that dies closes its sockets and the others fail at their next collective; a rank that hangs
+    ends the others after `timeout_s` (env UNITRAIN_DIST_TIMEOUT, default 300 s).
+    """
+    timeout_s = timeout_s or float(os.environ.get("UNITRAIN_DIST_TIMEOUT", "300"))
     world = launched_world()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -72,6 +77,15 @@ def any_true(flag: bool, device) -> bool:
 def barrier() -> None:
     if _active():
         td.barrier()
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """A collective failed because another rank died or hung (gloo/NCCL say so in the message)."""
+    if not _active():
+        return False
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, td.DistError)) and any(
+        k in text for k in ("closed by peer", "connection reset", "timed out", "timeout", "nccl", "gloo"))
 
 
 def shutdown() -> None:

@@ -10,8 +10,9 @@ from unitrain.data.tokenize import IGNORE, prompt_text
 
 
 @torch.no_grad()
-def eval_loss(model, sequences, batch_size: int, max_batches: int | None = None, autocast=None) -> tuple[float, int]:
-    """Mean next-token loss over every label token of the eval set -> (loss, tokens)."""
+def eval_loss(model, sequences, batch_size: int, max_batches: int | None = None, autocast=None,
+              rank: int = 0, world: int = 1) -> tuple[float, int]:
+    """This rank's share of the eval set -> (sum of token losses, tokens). Ranks take every world-th batch."""
     import contextlib
 
     was_training = model.training
@@ -19,7 +20,7 @@ def eval_loss(model, sequences, batch_size: int, max_batches: int | None = None,
     total, count = 0.0, 0
     n = len(sequences)
     starts = list(range(0, n, batch_size))[: max_batches or None]
-    for s in starts:
+    for s in starts[rank::world]:
         batch = sequences.batch(list(range(s, min(n, s + batch_size))))
         batch = {k: v.to(model.device) for k, v in batch.items()}
         tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
@@ -31,7 +32,7 @@ def eval_loss(model, sequences, batch_size: int, max_batches: int | None = None,
         count += tokens
     if was_training:
         model.train()
-    return (total / count if count else float("nan")), count
+    return total, count
 
 
 def normalize_answer(text: str) -> str:

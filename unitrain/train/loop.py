@@ -112,8 +112,11 @@ class Trainer:
         model = self.model
         model.train()
         result = RunResult(self.run_dir, self.step, self.stop_reason)
+        if self.state["evals"] and self.state["evals"][0][0] == 0:  # resumed: the step-0 eval is on record
+            result.initial_eval_loss = self.state["evals"][0][1]
         if self.step == 0 and self.data.eval is not None:
             result.initial_eval_loss = self._evaluate(0, observe=False)
+            self.tracker.log({"step": 0, "eval_loss": result.initial_eval_loss})
         while self.step < self.end_step:
             t0 = time.perf_counter()
             batches = [self.data.train.batch(i) for i in self.order.micro_batches(self.step, micro, self.ctx.rank,
@@ -201,11 +204,12 @@ class Trainer:
     # ------------------------------------------------------------------ pieces
     def _evaluate(self, step: int, observe: bool) -> float:
         t0 = time.perf_counter()
-        loss, count = eval_loss(self.backend.unwrap(), self.data.eval, self.plan.strategy.micro_batch_size,
-                                self.recipe.training.eval_max_batches, self.autocast)
-        loss = dist.mean(loss, self.device)
+        total, count = eval_loss(self.backend.unwrap(), self.data.eval, self.plan.strategy.micro_batch_size,
+                                 self.recipe.training.eval_max_batches, self.autocast, self.ctx.rank, self.ctx.world)
+        total, count = dist.all_sum(total, self.device), dist.all_sum(count, self.device)
+        loss = total / count if count else float("nan")
         dt = time.perf_counter() - t0
-        self.governor.account_eval(self.plan.flops_per_token / 3 * count * self.ctx.world, dt)  # forward = 1/3
+        self.governor.account_eval(self.plan.flops_per_token / 3 * count, dt)  # a forward is 1/3 of training
         self.state["evals"].append([step, loss])
         if observe:
             decision = self.governor.observe_eval(step, loss)

@@ -53,7 +53,7 @@ def run_recipe(recipe, console=None):
     from unitrain import model as M
     from unitrain.plan import make_plan
     from unitrain.resources import resolve_resources
-    from unitrain.train.loop import Trainer, write_json
+    from unitrain.train.loop import Trainer
 
     ctx = dist.init()
     try:
@@ -88,21 +88,35 @@ def run_recipe(recipe, console=None):
         if kernel_report is not None and ctx.is_main:
             _say(console, f"kernels: {kernel_report}")
         trainer = Trainer(recipe, plan, data, model, tokenizer, run_dir, console)
-        trainer.setup()
-        em_n = recipe.training.exact_match_examples if tok.format != "text" else 0
-        em_before = _exact_match(trainer, data, recipe, em_n) if em_n and trainer.step == 0 and ctx.is_main else None
-        result = trainer.train()
-        if em_n and ctx.is_main and result.exit_code == 0:
-            result.initial_exact_match = em_before[0] if em_before else None
-            result.exact_match, rows = _exact_match(trainer, data, recipe, em_n)
-            write_json(run_dir / "exact_match.json", {"before": result.initial_exact_match,
-                                                      "after": result.exact_match, "examples": rows})
-        if ctx.is_main:
-            summary = {k: v for k, v in vars(result).items() if k != "run_dir"}
-            write_json(run_dir / "summary.json", summary)
-        return result
+        try:
+            return _train_and_score(trainer, recipe, data, tok, run_dir, ctx)
+        except Exception as e:
+            if dist.is_peer_failure(e):
+                raise UnitrainError(
+                    f"rank {ctx.rank} of {ctx.world} stopped: another rank failed or stopped answering ({e}). "
+                    f"Check that rank's log for the cause. Complete checkpoints are kept; relaunch with "
+                    f"output.resume=auto to continue") from None
+            raise
     finally:
         dist.shutdown()
+
+
+def _train_and_score(trainer, recipe, data, tok, run_dir, ctx):
+    """setup -> (exact match before) -> train -> (exact match after) -> summary.json."""
+    from unitrain.train.loop import write_json
+
+    trainer.setup()
+    em_n = recipe.training.exact_match_examples if tok.format != "text" else 0
+    em_before = _exact_match(trainer, data, recipe, em_n) if em_n and trainer.step == 0 and ctx.is_main else None
+    result = trainer.train()
+    if em_n and ctx.is_main and result.exit_code == 0:
+        result.initial_exact_match = em_before[0] if em_before else None
+        result.exact_match, rows = _exact_match(trainer, data, recipe, em_n)
+        write_json(run_dir / "exact_match.json", {"before": result.initial_exact_match,
+                                                  "after": result.exact_match, "examples": rows})
+    if ctx.is_main:
+        write_json(run_dir / "summary.json", {k: v for k, v in vars(result).items() if k != "run_dir"})
+    return result
 
 
 def _exact_match(trainer, data, recipe, n):

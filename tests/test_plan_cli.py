@@ -1,0 +1,72 @@
+"""`unitrain plan`: table output, --json, --deepspeed-config, exit codes, the three example recipes."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from unitrain.cli import main
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+EXAMPLES = ["plan-llama8b-lora-24g.yaml", "plan-llama8b-full-8x80g.yaml", "plan-llama70b-qlora-80g.yaml"]
+
+
+@pytest.fixture(autouse=True)
+def no_calibration(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNITRAIN_CALIBRATION", str(tmp_path / "calibration.json"))
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_recipes_plan_within_a_second(name, capsys):
+    from unitrain.plan import make_plan
+    from unitrain.recipe import load_recipe
+
+    recipe = load_recipe(RECIPES / name)
+    t = time.perf_counter()
+    plan = make_plan(recipe)
+    assert time.perf_counter() - t < 1.0
+    assert plan.peak_memory <= plan.usable_memory and plan.max_steps > 0
+    assert main(["plan", str(RECIPES / name)]) == 0
+    out = capsys.readouterr().out
+    assert "peak" in out and "weights" in out and plan.strategy.method in out
+    assert RECIPES.joinpath(name).read_text().startswith("# Launch:")
+
+
+def test_json_output_is_the_plan(capsys):
+    assert main(["plan", str(RECIPES / EXAMPLES[0]), "training.global_batch_size=64", "--json", "--gpus", "2",
+                 "--gpu-memory", "80GiB", "--accelerator", "A100", "--budget", "5e18"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["world_size"] == 2 and plan["global_batch_size"] == 64
+    assert plan["resources"]["accelerator"] == "A100-80GB" and plan["budget"] == {"kind": "flops", "value": 5e18}
+    assert plan["total_flops"] <= 5e18 and plan["memory"]
+
+
+def test_deepspeed_config_written(tmp_path, capsys):
+    out = tmp_path / "ds.json"
+    assert main(["plan", str(RECIPES / EXAMPLES[1]), "--deepspeed-config", str(out)]) == 0
+    cfg = json.loads(out.read_text())
+    z = cfg["zero_optimization"]
+    assert cfg["train_batch_size"] == 64
+    assert cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * 8 == 64
+    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"] and z["stage"] >= 1
+    assert cfg["gradient_clipping"] == 1.0 and cfg["optimizer"]["type"] == "AdamW"
+
+
+def test_nothing_fits_exits_non_zero_with_the_reason(capsys):
+    code = main(["plan", str(RECIPES / EXAMPLES[1]), "--gpus", "1", "--gpu-memory", "16GiB", "--cpu-memory", "16GiB",
+                 "--accelerator", "T4"])
+    assert code != 0
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert "nothing fits" in err and "Smallest footprint" in err
+
+
+def test_bad_input_names_the_field(capsys):
+    assert main(["plan", str(RECIPES / EXAMPLES[0]), "--accelerator", "TPU-v9"]) != 0
+    assert "resources.accelerator" in " ".join(capsys.readouterr().err.split())
+    assert main(["plan", str(RECIPES / EXAMPLES[0]), "--budget=-3h"]) != 0
+    assert "resources.budget" in " ".join(capsys.readouterr().err.split())
+    assert main(["plan", str(RECIPES / EXAMPLES[0]), "--budget", "1e9"]) != 0
+    assert "too small for a single optimizer step" in " ".join(capsys.readouterr().err.split())

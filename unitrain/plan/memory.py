@@ -1,0 +1,365 @@
+"""Per-GPU memory model, component by component, each with the formula and the inputs that produced it.
+
+Notation: Ψ all parameters, Ψt trainable ones, N data-parallel ranks, T = b·s tokens per micro-batch,
+h hidden, I FFN width, hq = heads·head_dim, hkv = kv_heads·head_dim, V vocabulary, L layers, r LoRA rank.
+
+Precision regimes (what the trainer is expected to build; see `Precision`):
+- CPU / float32: everything fp32; CPU dropout saves a float mask of the input's dtype.
+- full fine-tuning without DeepSpeed on CUDA: fp32 parameters + torch.autocast(bf16) (HF Trainer's bf16=True):
+  the residual stream stays fp32, every matmul input is cast to bf16 separately per projection and the
+  bf16 copies of the trainable weights are cached by autocast until backward (2 B × matmul weights).
+- full fine-tuning under DeepSpeed ZeRO: bf16 parameters, fp32 master + Adam moments in the optimizer.
+- LoRA on CUDA: frozen base in bf16, fp32 adapters under autocast (peft default).
+- QLoRA on CUDA: NF4 linears; peft's prepare_model_for_kbit_training upcasts embeddings, norms and lm_head
+  to fp32, so the residual stream and bnb's Linear4bit outputs are fp32; attention runs in bf16 (autocast).
+
+Activations are counted tensor by tensor for Llama-family blocks (RMSNorm, GQA, SDPA/flash attention,
+SwiGLU, no dropout) exactly as autograd saves them; the storage-deduplicated measurement in
+`calibrate.measure_cpu_memory` and benchmarks/planner_accuracy.py check them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from unitrain.plan.schema import MemoryComponent, Strategy
+from unitrain.plan.shape import ModelShape
+
+GiB = 1024**3
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 absmax per 256 blocks ≈ 4.127 bits
+
+
+def nf4_bytes(n: int) -> int:
+    """Exact bitsandbytes NF4 + double-quant bytes of an n-element matrix: packed codes, uint8 absmax per 64,
+    fp32 absmax per 256 blocks, and the per-tensor tables (256-entry fp32 code of the 2nd level, 16-entry NF4
+    code, fp32 offset)."""
+    blocks = math.ceil(n / 64)
+    return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * (256 + 16 + 1)
+BNB_MIN_8BIT = 4096  # bitsandbytes keeps fp32 optimizer state for tensors smaller than this
+BNB_BLOCK = 256  # bitsandbytes blockwise 8-bit optimizer state: one fp32 absmax per 256 values per moment
+CUDA_CONTEXT = int(0.5 * GiB)  # CUDA context + cuBLAS/cuDNN handles: outside torch's allocator
+NCCL_BUFFERS = int(0.25 * GiB)  # NCCL channels' buffers when N > 1 (outside the allocator)
+FRAGMENTATION = 0.05  # caching-allocator reserved - allocated, as a fraction of the allocated peak
+PROCESS_CPU = 2 * GiB
+DS_SUB_GROUP = 1_000_000_000  # DeepSpeed ZeRO-3 sub_group_size default (elements per optimizer sub-group)  # host memory of one training process (python, torch, CUDA libraries)
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    param: int  # bytes per stored parameter of the (base) model
+    compute: int  # bytes of matmul inputs, attention tensors, MLP intermediates
+    stream: int  # bytes of the residual stream (norm inputs, checkpointed layer inputs)
+    mask: int  # bytes per dropout-mask element (bool on CUDA; CPU dropout multiplies by a mask in the input dtype)
+    amp_casts: bool  # autocast: one bf16 copy of each matmul input per projection + cached bf16 weight copies
+    adapter_param: int  # bytes per LoRA adapter parameter
+    linear_out: int = 0  # bytes of linear outputs (MLP intermediates); 0 = compute
+
+    @property
+    def adapter_shares_input(self) -> bool:
+        """fp32 everywhere: peft's cast to the adapter dtype is a no-op, so lora_A saves the module input itself."""
+        return self.compute == 4
+
+
+def precision_for(strategy: Strategy, on_cpu: bool) -> Precision:
+    if strategy.dtype == "float32":
+        return Precision("fp32", 4, 4, 4, 4 if on_cpu else 1, False, 4)
+    if strategy.method == "qlora":  # peft's prepare_model_for_kbit_training upcasts every non-4-bit tensor to
+        # fp32, so the residual stream is fp32 and bnb's Linear4bit returns its input dtype (fp32)
+        return Precision(f"NF4 base, fp32 rest, autocast {strategy.dtype}", 4, 2, 4, 1, False, 4, 4)
+    if strategy.method == "full" and strategy.zero_stage == 0:
+        return Precision("fp32 params + autocast " + strategy.dtype, 4, 2, 4, 1, True, 4)
+    if strategy.method == "full":
+        return Precision(strategy.dtype + " params (DeepSpeed), fp32 master", 2, 2, 2, 1, False, 2)
+    return Precision(strategy.dtype + " base, adapters " + ("bf16 (DeepSpeed)" if strategy.zero_stage else "fp32"),
+                     2, 2, 2, 1, False, 2 if strategy.zero_stage else 4)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int = 16
+    dropout: float = 0.05
+    targets: object = "all-linear"
+
+    @classmethod
+    def of(cls, cfg) -> "LoraSpec":
+        t = cfg.target_modules
+        return cls(cfg.r, cfg.dropout, t if isinstance(t, str) else tuple(t))
+
+
+def _checkpointed_layers(ckpt, layers: int) -> int:
+    """off -> 0, full -> L, k -> layers 0, k, 2k, ... i.e. ceil(L / k)."""
+    if ckpt in ("off", None, 0):
+        return 0
+    if ckpt == "full":
+        return layers
+    return math.ceil(layers / int(ckpt))
+
+
+def layer_activations(shape: ModelShape, b: int, s: int, st: Strategy, p: Precision, lora: LoraSpec,
+                      input_requires_grad: bool = True) -> dict[str, int]:
+    """Bytes autograd saves for one decoder layer, by part (storage-deduplicated)."""
+    T, h, I, c = b * s, shape.hidden_size, shape.intermediate_size, p.compute
+    hq, hkv, lo = shape.q_dim, shape.kv_dim, p.linear_out or p.compute
+    full = st.method == "full"
+    fused_norm, fused_mlp = "rmsnorm" in st.kernels, "swiglu" in st.kernels
+
+    def norm(width):  # RMSNorm: fp32 input (or its fp32 copy) + rstd (+ normalised output when weight trains)
+        if fused_norm:
+            return T * width * p.stream + 4 * T
+        return 4 * T * width + 4 * T + (T * width * p.stream if full else 0)
+
+    parts = {"norms": (norm(h) if input_requires_grad else 0) + (shape.norms_per_layer - 1) * norm(h)}
+    by_group: dict[str, list] = {}
+    for lin in shape.linears:
+        by_group.setdefault(lin.group, []).append(lin)
+    # SDPA/flash: q, k, v (kv heads, GQA), output, and the fp32 log-sum-exp per head and query.
+    parts["attention"] = T * (2 * hq + 2 * hkv) * c + 4 * b * shape.num_heads * s
+    if shape.qk_norm:
+        parts["attention"] += 4 * T * (hq + hkv) + 4 * T * (shape.num_heads + shape.num_kv_heads) + \
+            (T * (hq + hkv) * c if full else 0)
+    if shape.gated_mlp:  # act(gate) needs gate; act(gate)·up saves both factors; a fused SwiGLU recomputes act
+        parts["mlp"] = (2 if fused_mlp else 3) * T * I * lo
+    else:  # fc1 output (saved by the activation)
+        parts["mlp"] = T * I * lo
+    if full:  # inputs of the trainable linears (weight gradients need them)
+        n_in = len(by_group.get("attn_in", [])) if p.amp_casts else 1
+        n_mlp = len(by_group.get("mlp_in", [])) if p.amp_casts else 1
+        parts["linear_inputs"] = (n_in + n_mlp) * T * h * c + T * I * c  # o_proj's input is the SDPA output
+    else:
+        parts["lora"] = _lora_saved(shape, T, p, lora, by_group, input_requires_grad)
+    return parts
+
+
+def _lora_saved(shape, T, p: Precision, lora: LoraSpec, by_group, input_requires_grad: bool = True) -> int:
+    """Per adapted matrix: dropout mask + lora_A's input (d_in each) and lora_B's input (r).
+    Dropout on an input that needs no grad (layer 0 with a frozen embedding) records no mask."""
+    targets = {lin.name for lin in shape.lora_targets(lora.targets)}
+    total = 0
+    for group, lins in by_group.items():
+        chosen = [lin for lin in lins if lin.name in targets]
+        if not chosen:
+            continue
+        d_in = chosen[0].d_in
+        if lora.dropout > 0:
+            mask = p.mask if input_requires_grad or group != "attn_in" else 0
+            total += len(chosen) * T * d_in * (mask + p.compute)  # mask + (cast) dropout output
+        elif p.adapter_shares_input:  # the same input tensor for the whole group; o_proj's is the SDPA output
+            total += 0 if group == "attn_out" else T * d_in * p.compute
+        else:  # cast to fp32 then back to bf16 by autocast: a fresh copy per matrix
+            total += len(chosen) * T * d_in * p.compute
+        total += len(chosen) * T * lora.r * p.compute
+    return total
+
+
+def head_activations(shape: ModelShape, b: int, s: int, st: Strategy, p: Precision) -> dict[str, int]:
+    """Saved outside the decoder layers: ids, final norm, lm_head input, loss, rotary tables."""
+    T, h, V, c = b * s, shape.hidden_size, shape.vocab_size, p.compute
+    full = st.method == "full"
+    norm = T * h * p.stream + 4 * T if "rmsnorm" in st.kernels else 4 * T * h + 4 * T + (T * h * p.stream if full else 0)
+    parts = {"embedding_ids": 8 * T if full else 0, "final_norm": norm,
+             "lm_head_input": T * h * c if full else 0, "rotary": 2 * s * shape.head_dim * p.stream}
+    if "fused_ce" in st.kernels:  # chunked linear+CE: keeps only d(loss)/d(hidden), computed in the forward
+        parts["loss"] = T * h * c + 8 * T
+    else:  # log_softmax output in fp32 (the loss upcasts) + int64 targets
+        parts["loss"] = 4 * T * V + 8 * T
+    return parts
+
+
+def activation_bytes(shape: ModelShape, b: int, s: int, st: Strategy, p: Precision, lora: LoraSpec) -> dict:
+    """Saved-for-backward bytes of one micro-batch: {'layers', 'checkpoint_inputs', 'head', 'per_layer', 'n_ckpt'}."""
+    L = shape.num_layers
+    n_ckpt = _checkpointed_layers(st.checkpointing, L)
+    # Layer 0's input needs no grad when the embedding is frozen (LoRA) unless checkpointing makes it require one.
+    input_grad = st.method == "full" or n_ckpt > 0
+    first = sum(layer_activations(shape, b, s, st, p, lora, input_grad).values())
+    other = sum(layer_activations(shape, b, s, st, p, lora, True).values())
+    plain = L - n_ckpt  # un-checkpointed layers: with every k-th checkpointed, layer 0 is one of the checkpointed
+    layers = (other * plain if n_ckpt else first + other * (L - 1))
+    ckpt_inputs = n_ckpt * b * s * shape.hidden_size * p.stream
+    head = head_activations(shape, b, s, st, p)
+    return {"layers": layers, "checkpoint_inputs": ckpt_inputs, "head": sum(head.values()), "head_parts": head,
+            "per_layer": other, "n_ckpt": n_ckpt, "total": layers + ckpt_inputs + sum(head.values())}
+
+
+def optimizer_state_bytes(shape: ModelShape, st: Strategy, trainable: list[int], master: bool) -> tuple[float, str]:
+    """Optimizer bytes for the trainable tensors (element counts), before partitioning."""
+    n = sum(trainable)
+    if st.optimizer == "adamw":
+        per = 12 if master else 8
+        return per * n, f"{per} B × Ψt (" + ("master, " if master else "") + "m, v fp32)"
+    small = sum(t for t in trainable if t < BNB_MIN_8BIT)
+    big = n - small
+    blocks = sum(math.ceil(t / BNB_BLOCK) for t in trainable if t >= BNB_MIN_8BIT)
+    qmaps = 2 * 256 * 4 if big else 0  # the two shared 256-entry fp32 quantization maps (signed, unsigned)
+    return 2 * big + 8 * blocks + 8 * small + qmaps, \
+        "2 B × Ψt (8-bit m, v) + absmax/256 + fp32 small tensors"
+
+
+def trainable_tensors(shape: ModelShape, method: str, lora: LoraSpec) -> list[int]:
+    if method == "full":
+        per_layer = [lin.d_in * lin.d_out for lin in shape.linears] + \
+            [lin.d_out for lin in shape.linears if lin.bias] + [shape.hidden_size] * shape.norms_per_layer
+        if shape.qk_norm:
+            per_layer += [shape.head_dim] * 2
+        rest = [shape.embedding_params, shape.final_norm_params] + ([shape.lm_head_params] if shape.lm_head_params else [])
+        return per_layer * shape.num_layers + rest
+    per_layer = []
+    for lin in shape.lora_targets(lora.targets):
+        per_layer += [lora.r * lin.d_in, lora.r * lin.d_out]
+    return per_layer * shape.num_layers
+
+
+@dataclass
+class MemoryEstimate:
+    components: list[MemoryComponent]
+    peak: int  # predicted peak per GPU (allocated + context + fragmentation)
+    allocated_peak: int  # comparable to torch.cuda.max_memory_allocated
+    cpu_needed: int  # per node: offloaded states + process overhead
+    activations: dict = field(default_factory=dict)
+    trainable_params: int = 0
+
+    def component(self, name: str) -> MemoryComponent | None:
+        return next((c for c in self.components if c.name == name), None)
+
+
+def copies_per_layer(shape: ModelShape, st: Strategy, psi_t: int) -> int:
+    return 2 * (shape.linear_params_per_layer if st.method == "full" else psi_t // shape.num_layers)
+
+
+def autocast_weight_copies(shape: ModelShape, st: Strategy, n_ckpt: int, psi_t: int) -> int:
+    """bf16 copies autocast makes of trainable fp32 matmul weights, saved for backward. Inside checkpointed layers
+    they are recast during recomputation instead (one layer at a time)."""
+    head = 2 * shape.hidden_size * shape.vocab_size if st.method == "full" else 0
+    return (shape.num_layers - n_ckpt) * copies_per_layer(shape, st, psi_t) + head
+
+
+def ds_bucket_elements(shape: ModelShape) -> int:
+    """DeepSpeed reduce/allgather bucket (elements): h², HF/Accelerate's 'auto' rule, at least 1M."""
+    return max(shape.hidden_size ** 2, 1_000_000)
+
+
+def estimate_memory(shape: ModelShape, st: Strategy, seq_len: int, world_size: int, gpus_per_node: int,
+                    on_cpu: bool, lora: LoraSpec = LoraSpec(), scale: dict | None = None) -> MemoryEstimate:
+    """Predicted per-GPU memory of one training step (forward/backward peak or optimizer-step peak).
+
+    `scale` maps component names to calibration factors (measured / predicted) applied to their bytes.
+    """
+    p = precision_for(st, on_cpu)
+    N, zs, b, s = max(1, world_size), st.zero_stage, st.micro_batch_size, seq_len
+    ranks_per_node = max(1, gpus_per_node)
+    comps: list[MemoryComponent] = []
+
+    def add(name, nbytes, formula, device="gpu", phase="always", **inputs):
+        f = (scale or {}).get(name, 1.0)
+        if f != 1.0:
+            inputs["calibration_factor"] = f
+        comps.append(MemoryComponent(name, int(nbytes * f), formula, dict(inputs, phase=phase), device))
+
+    psi = shape.total_params
+    tensors = trainable_tensors(shape, st.method, lora)
+    psi_t = sum(tensors)
+    part3 = N if zs == 3 else 1
+    w_dev = "cpu" if st.offload_params else "gpu"
+    # Weights (the base model for LoRA/QLoRA).
+    if st.method == "qlora":
+        q = shape.num_layers * shape.linear_params_per_layer
+        q_bytes = shape.num_layers * sum(nf4_bytes(lin.d_in * lin.d_out) + (lin.d_out * p.param if lin.bias else 0)
+                                         for lin in shape.linears)
+        add("weights", (q_bytes + (psi - q) * p.param) / part3,
+            f"{NF4_BYTES:.3f} B × Ψ_linear (NF4+DQ) + {p.param} B × rest" + (" / N" if part3 > 1 else ""), w_dev,
+            psi=psi, psi_linear=q, N=part3)
+    else:
+        add("weights", psi * p.param / part3, f"{p.param} B × Ψ" + (" / N" if part3 > 1 else ""), w_dev,
+            psi=psi, bytes=p.param, N=part3)
+    if zs == 3:
+        gathered = 2 * shape.largest_module_params * p.param + \
+            shape.num_layers * shape.norms_per_layer * shape.hidden_size * p.param
+        add("zero3_gathered", gathered, f"2 × largest module × {p.param} B + norms",
+            largest_module=shape.largest_module_params)
+    if st.method != "full":
+        add("adapters", psi_t * p.adapter_param / part3, f"{p.adapter_param} B × Ψt (r·(d_in+d_out) per matrix)",
+            psi_t=psi_t, r=lora.r)
+    n_ckpt = _checkpointed_layers(st.checkpointing, shape.num_layers)
+    if not on_cpu and zs == 0 and p.compute == 2:
+        copies = autocast_weight_copies(shape, st, n_ckpt, psi_t)
+        add("autocast_weight_copies", copies + (copies_per_layer(shape, st, psi_t) if n_ckpt else 0),
+            "2 B × trained matmul weights outside checkpoints (autocast)" + (" + 1 recomputed layer" if n_ckpt else ""),
+            phase="fwd_bwd")
+    # Gradients.
+    offload_opt = st.offload_optimizer
+    g_bytes = 4 if zs == 0 and st.method == "full" else (p.adapter_param if st.method != "full" else p.param)
+    if zs == 0:
+        add("gradients", psi_t * g_bytes, f"{g_bytes} B × Ψt", psi_t=psi_t)
+    elif offload_opt:
+        add("gradients", 4 * psi_t / N, "4 B × Ψt / N (fp32 partition)", "cpu",
+            psi_t=psi_t, N=N)
+    else:
+        n_g = 1 if zs == 1 else N
+        add("gradients", psi_t * g_bytes / n_g, f"{g_bytes} B × Ψt" + (" / N" if n_g > 1 else ""),
+            psi_t=psi_t, N=n_g)
+    # Optimizer states.
+    opt, formula = optimizer_state_bytes(shape, st, tensors, master=zs > 0)
+    n_o = N if zs > 0 else 1
+    add("optimizer", opt / n_o, formula + (" / N" if n_o > 1 else ""),
+        "cpu" if offload_opt else "gpu", psi_t=psi_t, N=n_o, optimizer=st.optimizer)
+    # Optimizer-step temporaries (activations are gone by then). Offloaded: gradients land in the fp32 CPU buffer.
+    if offload_opt:
+        pass
+    elif zs in (1, 2):  # step(): the partition's 16-bit grads are flattened and cast to a fp32 copy
+        add("step_temporaries", 4 * psi_t / N, "4 B × Ψt / N (fp32 grad partition)", phase="step")
+    elif zs == 3:  # per sub-group (1e9 elements) the fp32 grad replaces the freed 16-bit one: net +2 B
+        part = min(psi_t / N, DS_SUB_GROUP)
+        add("step_temporaries", 2 * part, "2 B × min(Ψt / N, 1e9) (fp32 grad replaces 16-bit)", phase="step")
+    elif st.optimizer == "adamw":
+        largest = psi_t if not on_cpu else max(tensors, default=0)
+        add("step_temporaries", 4 * largest, "4 B × Ψt (AdamW foreach sqrt(v))" if not on_cpu
+            else "4 B × largest tensor (AdamW loop)", phase="step", elements=largest)
+    # Communication buffers.
+    if zs == 0 and N > 1:
+        add("comm_buffers", psi_t * g_bytes, f"{g_bytes} B × Ψt (DDP buckets)", psi_t=psi_t)
+    elif zs in (1, 2):
+        B = ds_bucket_elements(shape)
+        add("comm_buffers", 3 * B * p.param, f"3 × h² × {p.param} B (DeepSpeed buckets)",
+            bucket=B)
+    elif zs == 3:
+        B = ds_bucket_elements(shape)
+        add("comm_buffers", 2 * B * p.param + int(0.9 * B) * p.param, f"2.9 × h² × {p.param} B (reduce + prefetch)",
+            bucket=B)
+    # Activations.
+    act = activation_bytes(shape, b, s, st, p, lora)
+    T = b * s
+    add("activations", act["layers"] + act["checkpoint_inputs"] + act["head"] - act["head_parts"]["loss"],
+        " + ".join(x for x in [f"{shape.num_layers - act['n_ckpt']} × {act['per_layer'] / 2**20:.4g} MiB/layer"
+                               if act["n_ckpt"] < shape.num_layers else "",
+                               f"{act['n_ckpt']} × T·h·{p.stream} B (ckpt inputs)" if act["n_ckpt"] else "", "head"] if x),
+        phase="fwd_bwd", b=b, s=s, per_layer=act["per_layer"], layers=shape.num_layers, checkpointed=act["n_ckpt"],
+        stream_bytes=p.stream, compute_bytes=p.compute, precision=p.name)
+    if "fused_ce" in st.kernels:
+        chunk = math.ceil(T / math.ceil(shape.vocab_size / shape.hidden_size))
+        add("logits_loss", act["head_parts"]["loss"] + 2 * 4 * chunk * shape.vocab_size,
+            f"T·h·{p.compute} B + 2 × {chunk}×V × 4 B (fused CE)", phase="fwd_bwd", chunk=chunk,
+            V=shape.vocab_size, saved=act["head_parts"]["loss"])
+    else:
+        add("logits_loss", act["head_parts"]["loss"] + (8 + p.compute) * T * shape.vocab_size,
+            f"T·V × (4 B log-probs + 8 B fp32 grads + {p.compute} B logits)", phase="fwd_bwd", T=T,
+            V=shape.vocab_size, saved=act["head_parts"]["loss"])
+    work = 3 * T * shape.intermediate_size * p.compute + (act["per_layer"] if act["n_ckpt"] else 0)
+    add("backward_transient", work, f"3 × T·I·{p.compute} B (MLP grads)" +
+        (" + 1 recomputed layer" if act["n_ckpt"] else ""), phase="fwd_bwd")
+    # Peak: persistent states + the larger of the two phases.
+    gpu = [c for c in comps if c.device == "gpu"]
+    always = sum(c.bytes for c in gpu if c.inputs["phase"] == "always")
+    allocated = always + max(sum(c.bytes for c in gpu if c.inputs["phase"] == ph) for ph in ("fwd_bwd", "step"))
+    if scale and "peak" in scale and not any(c.name in scale for c in comps):  # a whole-peak correction only
+        allocated = int(allocated * scale["peak"])
+    if on_cpu:
+        add("overhead", PROCESS_CPU, "torch process (libraries, allocator)", process=PROCESS_CPU)
+    else:
+        add("overhead", CUDA_CONTEXT + (NCCL_BUFFERS if N > 1 else 0) + FRAGMENTATION * allocated,
+            "CUDA context" + (" + NCCL" if N > 1 else "") + " + 5 % fragmentation", allocated=allocated)
+    peak = allocated + comps[-1].bytes
+    offloaded = sum(c.bytes for c in comps if c.device == "cpu")
+    cpu_needed = ranks_per_node * (offloaded + (0 if on_cpu else PROCESS_CPU))
+    return MemoryEstimate(comps, int(peak), int(allocated), int(cpu_needed), act, psi_t)
