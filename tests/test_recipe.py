@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def test_minimal_recipe_gets_defaults():
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate_and_document_their_launch(path):
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# unitrain ") or first.startswith("# torchrun") or first.startswith("# deepspeed"), first
+    assert re.match(r"# (Launch: )?(unitrain|torchrun|deepspeed) ", first), first
     load_recipe(path, check_files=False)
 
 

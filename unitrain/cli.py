@@ -126,7 +126,13 @@ COMMANDS = {"run": cmd_run, "plan": cmd_plan, "select": cmd_select}
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
-    args = _parser().parse_intermixed_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)  # key=value overrides may also follow the options
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     if args.local_rank is not None:  # the deepspeed launcher passes --local_rank; torch reads LOCAL_RANK
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     if args.command is None:

@@ -337,10 +337,15 @@ def estimate_memory(shape: ModelShape, st: Strategy, seq_len: int, world_size: i
         phase="fwd_bwd", b=b, s=s, per_layer=act["per_layer"], layers=shape.num_layers, checkpointed=act["n_ckpt"],
         stream_bytes=p.stream, compute_bytes=p.compute, precision=p.name)
     if "fused_ce" in st.kernels:
-        chunk = math.ceil(T / math.ceil(shape.vocab_size / shape.hidden_size))
-        add("logits_loss", act["head_parts"]["loss"] + 2 * 4 * chunk * shape.vocab_size,
-            f"T·h·{p.compute} B + 2 × {chunk}×V × 4 B (fused CE)", phase="fwd_bwd", chunk=chunk,
-            V=shape.vocab_size, saved=act["head_parts"]["loss"])
+        # unitrain_kernels.fused_linear_cross_entropy: chunks of C = min(T, 2^⌊log2(256 MiB / (V·e))⌋) tokens,
+        # each chunk's logits rewritten in place into their gradient (C·V·e), plus an fp32 grad-W
+        # accumulator (V·h·4 B) when lm_head trains (full fine-tuning).
+        V, e = shape.vocab_size, p.compute
+        chunk = min(T, 2 ** int(math.log2(max(1, 256 * 2**20 // (V * e)))))
+        grad_w = 4 * V * shape.hidden_size if st.method == "full" else 0
+        add("logits_loss", act["head_parts"]["loss"] + chunk * V * e + grad_w,
+            f"T·h·{e} B + {chunk}×V × {e} B (chunk)" + (" + V·h × 4 B (grad W)" if grad_w else "") + " (fused CE)",
+            phase="fwd_bwd", chunk=chunk, V=V, saved=act["head_parts"]["loss"], grad_w=grad_w)
     else:
         add("logits_loss", act["head_parts"]["loss"] + (8 + p.compute) * T * shape.vocab_size,
             f"T·V × (4 B log-probs + 8 B fp32 grads + {p.compute} B logits)", phase="fwd_bwd", T=T,

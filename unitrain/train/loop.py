@@ -31,6 +31,7 @@ from unitrain.errors import CheckpointError, UnitrainError
 from unitrain.plan.schema import Plan
 from unitrain.train import checkpoint as ckpt
 from unitrain.train.evaluate import eval_loss, exact_match
+from unitrain.train.memory_check import MemoryCheck
 from unitrain.train.schedule import Schedule
 from unitrain.train.track import Tracker
 
@@ -69,6 +70,7 @@ class Trainer:
         self.model.to(self.device)
         self.schedule = Schedule(self.recipe.training.schedule, p.max_steps, p.warmup_steps, p.cooldown_steps)
         self.backend = build_backend(p, self.model, self.recipe, self.schedule)
+        self.memcheck = MemoryCheck(p, self.recipe, self.run_dir if self.ctx.is_main else None)
         self.order = BatchOrder(len(self.data.train), p.global_batch_size, self.recipe.training.seed)
         self.governor = Governor(p, self.recipe.stopping, self.run_dir if self.ctx.is_main else None,
                                  world_size=p.world_size, eval_every=self.recipe.training.eval_every)
@@ -126,7 +128,8 @@ class Trainer:
             loss_total, tokens, padded = 0.0, 0, 0
             for i, b in enumerate(batches):
                 b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
-                with self.backend.no_sync(i == len(batches) - 1), self.autocast or contextlib.nullcontext():
+                with self.backend.no_sync(i == len(batches) - 1), self.autocast or contextlib.nullcontext(), \
+                        self.memcheck.watch(self.backend.unwrap()):
                     out = self.backend.forward(**b, num_items_in_batch=torch.tensor(n_items, device=self.device))
                     loss = out.loss * self.ctx.world  # ranks' gradients are averaged; keep the global sum
                 self.backend.backward(loss)
@@ -134,6 +137,7 @@ class Trainer:
                 tokens += int(b["attention_mask"].sum())
                 padded += b["input_ids"].numel()
             lr = self.backend.lr  # the LR this step's update uses
+            self.memcheck.before_step(self.backend)
             grad_norm = self.backend.step()
             self.step += 1
             loss_total = dist.all_sum(loss_total, self.device)
@@ -173,7 +177,7 @@ class Trainer:
         self.stop_reason = decision.reason
         row["stop"] = decision.reason
         if decision.reason in ("marginal_gain", "patience"):
-            self.end_step = self.schedule.begin_cooldown(self.step)
+            self.end_step = self.schedule.begin_cooldown(self.step, decision.cooldown_steps)
             self.tracker.set_total(self.end_step)
             self._say(f"governor: stop ({decision.reason}) at step {self.step}: {decision.detail}; "
                       f"cooling the LR down until step {self.end_step}")
@@ -189,11 +193,12 @@ class Trainer:
         final_eval = self._evaluate(self.step, observe=False) if self.data.eval is not None else None
         self._save()
         report = self.governor.finalize(self.step, final_eval) if self.ctx.is_main else {}
+        full_state = self.backend.full_state_dict()  # ZeRO-3: gathered onto rank 0 (collective); else None
         if self.ctx.is_main:
             from unitrain.model import export
 
             export(self.backend.unwrap(), self.tokenizer, self.run_dir / "final", self.plan.strategy.method,
-                   self.recipe.output.merge)
+                   self.recipe.output.merge, state_dict=full_state)
             self.tracker.log_image("governor", self.run_dir / "governor.png")
         result.steps, result.stop_reason, result.final_eval_loss = self.step, self.stop_reason, final_eval
         result.extra["governor"] = report
@@ -228,9 +233,10 @@ class Trainer:
         return dist.any_true(self._sigterm, self.device)
 
     def _memory(self) -> dict:
+        row = self.memcheck.after_step(self.backend)  # first step only: measured vs predicted, memory_check.json
         if self.device.type == "cuda":
-            return {"mem_peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-        return {}
+            row["mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return row
 
     def _budget(self) -> dict:
         prog = self.governor.progress()

@@ -19,11 +19,13 @@ class Schedule:
     warmup: int
     cooldown: int
     early_stop_at: Optional[int] = None  # step at which a governor-triggered cooldown began
+    early_cooldown: Optional[int] = None  # its length (the governor scales it to the steps trained)
 
-    def begin_cooldown(self, step: int) -> int:
-        """Start the cooldown now; -> the step at which training ends."""
+    def begin_cooldown(self, step: int, steps: int | None = None) -> int:
+        """Start a cooldown of `steps` (default: the planned one) now; -> the step at which training ends."""
         self.early_stop_at = step
-        return min(self.total_steps, step + self.cooldown)
+        self.early_cooldown = self.cooldown if steps is None else max(0, steps)
+        return min(self.total_steps, step + self.early_cooldown)
 
     def _planned(self, step: int) -> float:
         if self.warmup and step < self.warmup:
@@ -42,5 +44,5 @@ class Schedule:
         if self.early_stop_at is None or step < self.early_stop_at:
             return self._planned(step)
         start = self._planned(self.early_stop_at)
-        left = max(1, self.cooldown)
+        left = max(1, self.cooldown if self.early_cooldown is None else self.early_cooldown)
         return start * max(0.0, 1 - (step - self.early_stop_at) / left)

@@ -1,0 +1,432 @@
+"""The budget governor: accounts compute against the budget and decides when to stop (DESIGN.md).
+
+Only the governor decides to stop; the trainer loop reports to it and acts on `Decision.stop`.
+
+Accounting. After every optimizer step the loop calls `account(tokens, flops, seconds)` (global
+tokens, FLOPs including recomputation, wall seconds); evals are charged with `account_eval`. The
+budget is kept in its own unit: FLOPs, GPU-hours (= seconds × world_size / 3600) or training tokens.
+A `budget` stop is returned as soon as  used + next step + one eval > budget,  with the next step
+estimated as max(last step, moving average) and the eval as the last eval's cost. Whatever the
+estimate, used ≤ budget before each step, so a run ends at most one step over its budget; the
+reserved eval pays for the final eval.
+
+Stop rule. At every eval, L(t) = a + b·t^(−c) is fitted (t in optimizer steps, see curve_fit.py) to
+the evals of the last decade of steps, [t/10, t] (at least the last 6): a power law is scale-free,
+so one decade is a natural window, and it keeps an early transient (a fast, exponential-looking
+drop while a fine-tune learns the format) from dictating the slope long after it is over. With F
+the measured FLOPs per step (training incl. recomputation, plus evals amortised), the marginal gain
+per FLOP at step t is
+
+    g(t) = b·c·t^(−c−1) / F.
+
+The threshold is the exchange rate `stopping.loss_per_flop` when set, otherwise it comes from the
+budget:
+
+    λ_B = ε · L(T) / (F · T),        ε = `stopping.min_budget_gain` (default 0.02),
+
+where T is the step at which the run ends: min(plan.max_steps, steps now + remaining budget /
+measured cost per step), so F·T is the budget in FLOPs. In words: stop when the whole budget, spent
+again at the current marginal rate, would lower the loss by less than ε of the predicted final
+loss L(T). Because the curve is convex, the remaining gain from t to T is at most g(t)·F·(T − t), so
+at a stop the fitted curve predicts a loss penalty below ε·(1 − t/T) of the final loss: the
+threshold is set by the budget and bounds what the stop costs. A larger budget never stops earlier:
+g(t) does not depend on the budget, and λ_B falls as T grows (L(T) falls, F·T rises); the fit depends
+only on the eval history, so this holds eval by eval for the fitted curve, not only the true one.
+On an exact law L = a + b·t^(−c) the stop step is
+
+    t* = (b·c·T / (ε·L(T)))^(1/(c+1)),
+
+and the penalty L(t*)/L(T) − 1 = ε·x·(1 − x^c)/c with x = t*/T, at most ε/e ≈ 0.37·ε. E.g. ε = 0.02,
+a = 1, b = 2, c = 1, T = 2000: t* ≈ 447 (22% of T), penalty 0.35%; with c = 0.5 the curve is still
+steep at T = 2000 and t* > T: no stop. A flattened curve stops, a steep one does not.
+
+Guards, in order: a non-finite loss stops at once ('nonfinite'); `patience` evals in a row whose
+loss exceeds the best smoothed level so far by more than 5σ (σ: eval noise from second differences
+of the last 32 evals; needs 6 evals) stop ('patience': overfitting, which a power law cannot see);
+no rule stop before `min_evals` evals and 4 fitted points ('min_evals'); none while the fit is poor
+('poor_fit': R² < `min_r2` on the fitted evals while the RMS residual exceeds 2σ — a flat, noisy
+stretch has a low R² but a residual at the noise level, and passes — or the last 3 evals lie below
+the fit by more than 2σ/√3 on average: the curve falls faster than the law, a new phase); none when
+stopping now plus the cooldown would save nothing ('end_of_budget'); the rule must hold at 2 evals in
+a row ('confirming' at the first). A rule stop carries `cooldown_steps`: the plan's cooldown
+fraction of the steps trained so far (cooldown_steps / max_steps × step, at most cooldown_steps).
+`stopping.enabled = false` keeps accounting, fitting and logging and stops only for the budget or a
+non-finite loss ('disabled' marks where the rule would have stopped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from unitrain.errors import UnitrainError
+from unitrain.resources import Budget
+from unitrain.train.curve_fit import MIN_FIT_POINTS, TAIL, fit_power_law, noise_sigma, smooth
+
+PATIENCE_SIGMAS = 5.0  # a rise counts when it clears the best smoothed level by this many noise σ
+PATIENCE_MIN_EVALS = 6  # below this the noise σ is too uncertain to call a rise
+PATIENCE_NOISE_WINDOW = 32  # evals the patience rule's noise σ is measured on
+EMA = 0.3  # weight of the newest step in the moving-average step cost
+FIT_WINDOW = 0.1  # fit the last decade of steps, [0.1·t, t]: early transients are not the law now
+FIT_WINDOW_POINTS = 6  # ... or the last 6 evals when the decade holds fewer
+LOF_SIGMAS = 2.0  # a low-R² fit still passes when its RMS residual is within this many noise σ
+CONFIRM_EVALS = 2  # the rule must hold at this many evals in a row: one noisy eval cannot stop a run
+
+
+@dataclass
+class Decision:
+    stop: bool
+    reason: str  # marginal_gain | patience | budget | nonfinite | continue | min_evals | poor_fit |
+    #              end_of_budget | stopped (already stopping) | disabled (the rule would stop)
+    detail: str  # human readable, with the numbers
+    fit: dict | None = None  # CurveFit.to_dict(): a, b, c, r2, rmse, noise, ...
+    threshold: float | None = None  # λ, loss per FLOP
+    marginal_gain: float | None = None  # g(t), loss per FLOP
+    predicted_final_loss: float | None = None  # L(T): the fitted loss had the run gone to the budget
+    step: int | None = None
+    horizon_step: float | None = None  # T
+    best_step: int | None = None  # the step with the lowest eval loss so far
+    cooldown_steps: int | None = None  # rule stops: LR cooldown to run before the final eval and save
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Governor:
+    """Budget accounting and the stop rule; see the module doc for every formula."""
+
+    def __init__(self, plan, stopping, run_dir: Path | None, world_size: int | None = None, *,
+                 eval_every: int | None = None):
+        self.plan, self.cfg = plan, stopping
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.world_size = int(world_size or plan.world_size or 1)
+        self.budget = Budget(plan.budget["kind"], float(plan.budget["value"])) if plan.budget else None
+        self.planned_flops = plan.total_flops or plan.max_steps * plan.flops_per_step
+        self.warnings: list[str] = []
+        self._check_budget_vs_step()
+        self._check_loss_per_flop()
+        self._check_eval_cadence(eval_every)
+        self.steps = 0
+        self.tokens = 0
+        self.train_flops = self.eval_flops = 0.0
+        self.train_s = self.eval_s = 0.0
+        self.step_cost_ema = 0.0  # budget units
+        self.last_step_cost = 0.0
+        self.last_eval_cost = 0.0
+        self.evals: list[list] = []  # [step, loss, fitted?]
+        self.best_loss, self.best_step, self.rising = math.inf, None, 0
+        self.below = 0  # evals in a row with the marginal gain below the threshold
+        self.last_good_step = 0
+        self.decisions: list[dict] = []
+        self.stop_decision: dict | None = None
+        self.budget_hit = False
+
+    # ---------------------------------------------------------------- construction checks
+    def _cost(self, flops: float, seconds: float, tokens: float) -> float:
+        """A cost in the budget's unit."""
+        kind = self.budget.kind if self.budget else "flops"
+        if kind == "flops":
+            return float(flops)
+        if kind == "gpu_hours":
+            return seconds * self.world_size / 3600.0
+        return float(tokens)
+
+    def _check_budget_vs_step(self) -> None:
+        if self.budget is None:
+            return
+        p = self.plan
+        step = self._cost(p.flops_per_step, p.step_time_s, p.tokens_per_step)
+        if step > 0 and self.budget.value < step:
+            raise UnitrainError(
+                f"resources.budget={self.budget} is smaller than one optimizer step "
+                f"({self.budget.__class__(self.budget.kind, step)} for {p.global_batch_size} sequences × "
+                f"{p.seq_len} tokens); raise the budget to at least that, or lower "
+                f"training.global_batch_size or data.max_length")
+
+    def _check_loss_per_flop(self) -> None:
+        lam = self.cfg.loss_per_flop
+        if lam is None:
+            return
+        if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
+            raise UnitrainError(f"stopping.loss_per_flop={lam!r}: must be a positive loss per FLOP "
+                                f"(e.g. 1e-18), or unset to derive it from the budget")
+        step_gain = lam * self.plan.flops_per_step
+        if step_gain >= 1:
+            raise UnitrainError(
+                f"stopping.loss_per_flop={lam:g} asks every optimizer step ({self.plan.flops_per_step:.3g} "
+                f"FLOPs) to lower the loss by {step_gain:.3g} nats: it reads like a loss per step or per "
+                f"token, not per FLOP. Divide by the FLOPs per step, or unset it to derive it from the budget")
+        whole = lam * self.planned_flops
+        if whole > 10:
+            self._warn(f"stopping.loss_per_flop={lam:g} × planned {self.planned_flops:.3g} FLOPs = {whole:.3g} "
+                       f"nats: the run will stop at the first allowed eval; check the unit (loss per FLOP)")
+        elif whole < 1e-6:
+            self._warn(f"stopping.loss_per_flop={lam:g} × planned {self.planned_flops:.3g} FLOPs = {whole:.3g} "
+                       f"nats: the marginal-gain rule will practically never stop; check the unit")
+
+    def _check_eval_cadence(self, eval_every: int | None) -> None:
+        if eval_every is None or not self.cfg.enabled:
+            return
+        need = max(self.cfg.min_evals, MIN_FIT_POINTS)
+        n = self.plan.max_steps // eval_every if eval_every > 0 else 0
+        if n < need:
+            hint = max(1, self.plan.max_steps // (2 * need))
+            self._warn(f"training.eval_every={eval_every} gives {n} evals in {self.plan.max_steps} steps; the "
+                       f"stop rule needs {need} (stopping.min_evals and a 4-point curve fit) and cannot stop "
+                       f"early; set training.eval_every={hint} or lower")
+
+    def _warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+        warnings.warn(msg, stacklevel=3)
+
+    # ---------------------------------------------------------------- accounting
+    def _used(self) -> float:
+        return self._cost(self.train_flops + self.eval_flops, self.train_s + self.eval_s, self.tokens)
+
+    def account(self, tokens: int, flops: float, seconds: float) -> Decision | None:
+        """Charge one optimizer step; a 'budget' Decision when the next step would overrun."""
+        self.steps += 1
+        self.tokens += int(tokens)
+        self.train_flops += float(flops)
+        self.train_s += float(seconds)
+        cost = self._cost(flops, seconds, tokens)
+        self.step_cost_ema = cost if self.steps == 1 else EMA * cost + (1 - EMA) * self.step_cost_ema
+        self.last_step_cost = cost
+        if self.budget is None:
+            return None
+        used, b = self._used(), self.budget.value
+        nxt = max(self.last_step_cost, self.step_cost_ema) + self.last_eval_cost
+        if used + nxt <= b:
+            return None
+        d = Decision(True, "budget", f"budget {self.budget} reached: used {used:.4g} + next step and eval "
+                     f"≈ {nxt:.3g} > {b:.4g} ({self.budget.kind}) after step {self.steps}", step=self.steps,
+                     best_step=self.best_step)
+        if not self.budget_hit:  # logged once; the loop saves and ends on it
+            self.budget_hit = True
+            self._record(d)
+        return d
+
+    def account_eval(self, flops: float, seconds: float) -> None:
+        self.eval_flops += float(flops)
+        self.eval_s += float(seconds)
+        # Eval tokens are not training tokens: a tokens budget does not pay for them.
+        self.last_eval_cost = self._cost(flops, seconds, 0)
+
+    def _flops_per_step(self) -> float:
+        """F: FLOPs per step including recomputation and amortised evals (the plan's until measured)."""
+        if self.steps and self.train_flops > 0:
+            return (self.train_flops + self.eval_flops) / self.steps
+        return float(self.plan.flops_per_step)
+
+    def cooldown_for(self, step: int) -> int:
+        """LR cooldown after a rule stop at `step`: the plan's cooldown fraction of the steps actually
+        trained (WSD cooldowns scale with the run, Hägele et al.), never more than the plan's."""
+        p = self.plan
+        if p.max_steps <= 0 or p.cooldown_steps <= 0:
+            return 0
+        return min(p.cooldown_steps, math.ceil(p.cooldown_steps * step / p.max_steps))
+
+    def _horizon(self, step: int) -> float:
+        """T: the step at which the run ends, from the plan and the budget left at the measured rate."""
+        T = float(self.plan.max_steps)
+        if self.budget is not None and self.steps:
+            used = self._used()
+            per_step = used / self.steps
+            if per_step > 0:
+                T = min(T, step + max(0.0, self.budget.value - used) / per_step)
+        return max(T, float(step))
+
+    # ---------------------------------------------------------------- observations
+    def observe_train_loss(self, step: int, loss: float) -> Decision | None:
+        if math.isfinite(loss):
+            self.last_good_step = step
+            return None
+        d = Decision(True, "nonfinite", f"training loss is {loss} at step {step}; stopping. Keep the last good "
+                     f"state (step {self.last_good_step}); lower training.lr or check the data",
+                     step=step, best_step=self.best_step)
+        self._record(d)
+        return d
+
+    def observe_eval(self, step: int, eval_loss: float) -> Decision:
+        """Record an eval, refit the curve and decide."""
+        if not math.isfinite(eval_loss):
+            d = Decision(True, "nonfinite", f"eval loss is {eval_loss} at step {step}; stopping. Keep the last "
+                         f"good state (step {self.last_good_step})", step=step, best_step=self.best_step)
+            return self._record(d)
+        while self.evals and self.evals[-1][0] >= step:  # re-evaluated after a resume: newest wins
+            self.evals.pop()
+        fitted = self.stop_decision is None  # after a stop the cooldown bends the curve: keep, don't fit
+        self.evals.append([int(step), float(eval_loss), fitted])
+        if self.stop_decision is not None:
+            s = self.stop_decision
+            return self._record(Decision(True, "stopped", f"already stopping ({s['reason']}) since step "
+                                         f"{s['step']}; eval at step {step} recorded, not fitted", step=step,
+                                         best_step=self.best_step))
+        self._update_patience(eval_loss, step)
+        d = self._decide(step)
+        if d.stop and not self.cfg.enabled and d.reason in ("marginal_gain", "patience"):
+            d = dataclasses.replace(d, stop=False, reason="disabled",
+                                    detail=f"stopping.enabled=false; the rule would stop ({d.reason}): {d.detail}")
+        return self._record(d)
+
+    def _update_patience(self, loss: float, step: int) -> None:
+        """Count evals in a row that rise clearly above the best level so far. The reference is the
+        minimum of the median-of-3 smoothed history (the raw minimum sits ~2-3σ below the plateau,
+        so comparing with it fires on noise); 'clearly' is PATIENCE_SIGMAS noise σ. Measured with
+        patience 3: pure noise over 100 evals fires in 1 of 300 runs; a rise of 0.3σ per eval is
+        caught after a median 16 evals (90th percentile 22). Inactive below PATIENCE_MIN_EVALS."""
+        if loss < self.best_loss:
+            self.best_loss, self.best_step = loss, step
+        lo = max(1, self.plan.warmup_steps)
+        window = np.array([e[1] for e in self.evals if e[2] and e[0] >= lo])
+        if len(window) < PATIENCE_MIN_EVALS:
+            self.rising, self._rise_ref, self._rise_delta = 0, None, None
+            return
+        ref = float(smooth(window[:-1]).min())
+        # σ from the recent evals only: the steep start's curvature would inflate it for the whole run.
+        delta = max(PATIENCE_SIGMAS * noise_sigma(window[-PATIENCE_NOISE_WINDOW:]), 1e-4 * abs(ref))
+        self.rising = self.rising + 1 if loss > ref + delta else 0
+        self._rise_ref, self._rise_delta = ref, delta
+
+    def _decide(self, step: int) -> Decision:
+        cfg = self.cfg
+        common = dict(step=step, best_step=self.best_step)
+        below, self.below = self.below, 0  # any guard that fires breaks the run of below-threshold evals
+        if self.rising >= cfg.patience:
+            return Decision(True, "patience", f"eval loss stayed more than {self._rise_delta:.2g} above the "
+                            f"best smoothed level {self._rise_ref:.4g} for {self.rising} evals in a row: "
+                            f"overfitting (best eval {self.best_loss:.4g} at step {self.best_step})",
+                            cooldown_steps=self.cooldown_for(step), **common)
+        pts = [(s, l) for s, l, f in self.evals if f and s >= max(1, self.plan.warmup_steps)]
+        n_evals = sum(1 for e in self.evals if e[2])
+        recent = [p for p in pts if p[0] >= FIT_WINDOW * step]
+        pts = recent if len(recent) >= FIT_WINDOW_POINTS else pts[-FIT_WINDOW_POINTS:]
+        if n_evals < cfg.min_evals or len(pts) < MIN_FIT_POINTS:
+            return Decision(False, "min_evals", f"{n_evals} evals, {len(pts)} to fit after warmup; the rule needs "
+                            f"{cfg.min_evals} evals and {MIN_FIT_POINTS} fitted points", **common)
+        fit = fit_power_law([p[0] for p in pts], [p[1] for p in pts])
+        if fit is None:
+            return Decision(False, "poor_fit", "no fit", **common)
+        F, T = self._flops_per_step(), self._horizon(step)
+        pred = fit.loss(T)
+        gain = fit.slope(step) / F
+        if cfg.loss_per_flop is not None:
+            lam, source = float(cfg.loss_per_flop), "stopping.loss_per_flop"
+        else:
+            lam = cfg.min_budget_gain * pred / (F * T)
+            source = (f"ε={cfg.min_budget_gain:g} of the predicted loss over the budget's {F * T:.3g} FLOPs "
+                      f"(step {T:.0f})")
+        nums = dict(fit=fit.to_dict(), threshold=lam, marginal_gain=gain, predicted_final_loss=pred,
+                    horizon_step=T, **common)
+        curve = f"L = {fit.a:.4g} + {fit.b:.4g}·t^-{fit.c:.3g} (R² {fit.r2:.3f})"
+        tail_limit = max(2 * fit.noise / math.sqrt(TAIL), 1e-4 * abs(fit.loss(fit.t_last)))
+        noise = noise_sigma(np.array([p[1] for p in pts]))
+        if fit.r2 < cfg.min_r2 and fit.rmse > LOF_SIGMAS * noise:
+            return Decision(False, "poor_fit", f"{curve}: R² below stopping.min_r2={cfg.min_r2:g} and RMS "
+                            f"residual {fit.rmse:.3g} above {LOF_SIGMAS:g}× the eval noise {noise:.3g}", **nums)
+        if fit.tail_residual < -tail_limit:
+            return Decision(False, "poor_fit", f"{curve}: the last {TAIL} evals lie {-fit.tail_residual:.3g} "
+                            f"below the fit (> {tail_limit:.2g}): falling faster than the law", **nums)
+        cooldown = self.cooldown_for(step)
+        saved = T - step - cooldown
+        if saved <= 0:
+            return Decision(False, "end_of_budget", f"{curve}: {T - step:.0f} steps left, cooldown "
+                            f"{cooldown}: stopping now would save nothing", **nums)
+        text = (f"{curve}; gain {gain:.3g} loss/FLOP vs threshold {lam:.3g} ({source}); "
+                f"predicted loss at step {T:.0f}: {pred:.4g}")
+        self.below = below + 1 if gain < lam else 0
+        if self.below >= CONFIRM_EVALS:
+            return Decision(True, "marginal_gain", f"stop: {text}; cooldown {cooldown} steps, saves "
+                            f"~{saved:.0f} steps", cooldown_steps=cooldown, **nums)
+        if self.below:
+            return Decision(False, "confirming", f"below the threshold at {self.below} of {CONFIRM_EVALS} "
+                            f"evals in a row: {text}", **nums)
+        return Decision(False, "continue", text, **nums)
+
+    # ---------------------------------------------------------------- log, progress, state
+    def _record(self, d: Decision) -> Decision:
+        row = d.to_dict() | {"time": time.time(), "flops_used": self.train_flops + self.eval_flops}
+        self.decisions.append(row)
+        if d.stop and self.stop_decision is None:
+            self.stop_decision = row
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / "governor.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return d
+
+    def progress(self) -> dict:
+        flops_used = self.train_flops + self.eval_flops
+        flops_budget = self.budget.value if self.budget and self.budget.kind == "flops" else self.planned_flops
+        if self.budget is not None:
+            frac = self._used() / self.budget.value
+        else:
+            frac = flops_used / self.planned_flops if self.planned_flops else 0.0
+        return {"step": self.steps, "flops_used": flops_used, "flops_budget": flops_budget,
+                "tokens_seen": self.tokens, "wall_s": self.train_s + self.eval_s,
+                "gpu_hours_used": (self.train_s + self.eval_s) * self.world_size / 3600.0,
+                "budget_kind": self.budget.kind if self.budget else None,
+                "fraction_of_budget": frac}
+
+    _STATE = ("steps", "tokens", "train_flops", "eval_flops", "train_s", "eval_s", "step_cost_ema",
+              "last_step_cost", "last_eval_cost", "evals", "best_loss", "best_step", "rising", "below",
+              "last_good_step", "decisions", "stop_decision", "budget_hit")
+
+    def state_dict(self) -> dict:
+        d = json.loads(json.dumps({k: getattr(self, k) for k in self._STATE}))  # a deep copy
+        d["best_loss"] = None if math.isinf(self.best_loss) else self.best_loss  # JSON has no inf
+        return d
+
+    def load_state_dict(self, d: dict) -> None:
+        missing = [k for k in self._STATE if k not in d]
+        if missing:
+            raise UnitrainError(f"governor state is missing {missing}; the checkpoint is from another version")
+        for k in self._STATE:
+            setattr(self, k, json.loads(json.dumps(d[k])))
+        self.best_loss = math.inf if self.best_loss is None else float(self.best_loss)
+
+    # ---------------------------------------------------------------- report
+    def finalize(self, final_step: int, final_eval_loss: float | None) -> dict:
+        """Budget used vs given, predicted vs achieved loss, compute saved; writes governor.json/.png."""
+        fitted = [d for d in self.decisions if d.get("fit")]
+        last = fitted[-1] if fitted else None
+        if self.stop_decision and self.stop_decision.get("fit"):
+            last = self.stop_decision
+        T = last["horizon_step"] if last else float(self.plan.max_steps)
+        F = self._flops_per_step()
+        used_flops = self.train_flops + self.eval_flops
+        report = {
+            "budget": asdict(self.budget) if self.budget else None,
+            "used": {"flops": used_flops, "tokens": self.tokens, "gpu_hours": self.progress()["gpu_hours_used"],
+                     "wall_s": self.train_s + self.eval_s, "steps": self.steps},
+            "fraction_of_budget": self.progress()["fraction_of_budget"],
+            "planned_steps": self.plan.max_steps, "final_step": final_step,
+            "stop": {k: self.stop_decision[k] for k in ("step", "reason", "detail")} if self.stop_decision
+            else None,
+            "achieved_loss": final_eval_loss,
+            "predicted_loss_full_budget": last["predicted_final_loss"] if last else None,
+            "horizon_step": T,
+            "fit": last["fit"] if last else None,
+            "compute_saved": {"steps": max(0.0, T - final_step), "flops": max(0.0, T - final_step) * F,
+                              "fraction": max(0.0, 1.0 - self.progress()["fraction_of_budget"])},
+            "warnings": self.warnings,
+        }
+        if self.run_dir is None:
+            return report
+        try:
+            from unitrain.train.report_plot import plot_governor
+
+            report["plot"] = str(plot_governor(self.run_dir / "governor.png", self.evals, self.decisions, report))
+        except Exception as e:  # a missing plot must never cost the run its report
+            self._warn(f"could not draw governor.png: {e}")
+        out = {"report": report, "decisions": self.decisions, "evals": self.evals,
+               "stopping": asdict(self.cfg) if dataclasses.is_dataclass(self.cfg) else dict(self.cfg)}
+        (self.run_dir / "governor.json").write_text(json.dumps(out, indent=2))
+        return report
