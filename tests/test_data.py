@@ -63,10 +63,15 @@ def test_instruction_format_without_template_uses_plain_layout(tokenizer):
     assert _loss_text(tokenizer, ex).strip().startswith("hello")
 
 
-def test_raw_text_trains_every_token_and_truncates(tokenizer, shared_data):
+def test_raw_text_trains_every_token_and_is_cut_by_packing_not_truncated(tokenizer, shared_data):
+    from unitrain.data.pack import pack_text
+
     text = (shared_data / "tinyshakespeare" / "input.txt").read_text()[:2000]
     ex = tokenize_example(row_to_example({"text": text}, "text", {}, None, 0), tokenizer, 64, True)
-    assert ex["truncated"] and ex["n_tokens"] == 64 and ex["labels"] == ex["input_ids"]
+    assert not ex["truncated"] and ex["n_tokens"] > 64 and ex["labels"] == ex["input_ids"]
+    seqs = pack_text([ex], 64, pad_id=0)
+    assert len(seqs) == ex["n_tokens"] // 64  # the whole document, in full blocks
+    assert seqs.input_ids.ravel().tolist() == ex["input_ids"][: len(seqs) * 64]
 
 
 def test_packing_keeps_examples_whole_and_masks_padding():

@@ -75,8 +75,27 @@ def cmd_run(args, console) -> int:
         if result.exact_match is not None:
             before = f"{result.initial_exact_match:.3f} -> " if result.initial_exact_match is not None else ""
             line += f", exact match {before}{result.exact_match:.3f}"
-        console.print(f"{line}\nrun directory: {result.run_dir}", highlight=False)
+        console.print(line, highlight=False)
+        for extra in _governor_lines(result.extra.get("governor") or {}):
+            console.print(extra, highlight=False)
+        console.print(f"run directory: {result.run_dir}", highlight=False)
     return result.exit_code
+
+
+def _governor_lines(report: dict) -> list[str]:
+    """Budget used vs given, and what stopping early bought (from the governor's final report)."""
+    lines = []
+    if report.get("budget"):
+        b = report["budget"]
+        lines.append(f"budget: {100 * report['fraction_of_budget']:.1f}% of {b['value']:.3g} {b['kind']} used")
+    stop = report.get("stop")
+    if stop and stop.get("reason") in ("marginal_gain", "patience"):
+        pred = report.get("predicted_loss_full_budget")
+        saved = report.get("compute_saved", {})
+        lines.append(f"stopped early at step {stop['step']} ({stop['reason']}): saved {saved.get('steps', 0):.0f} "
+                     f"steps; predicted eval loss had it continued: {pred:.4f}" if pred is not None else
+                     f"stopped early at step {stop['step']} ({stop['reason']})")
+    return lines
 
 
 def _resource_overrides(args) -> list[str]:
@@ -114,13 +133,37 @@ def cmd_plan(args, console) -> int:
 
 
 def cmd_select(args, console) -> int:
-    from unitrain.data.select_cli import run_select
+    from unitrain import model as M
+    from unitrain.data import pipeline
+    from unitrain.plan import make_plan
+    from unitrain.train.run import select_for_plan
 
     recipe = _load(args, [f"resources.budget={args.budget}"] if args.budget else [])
-    return run_select(recipe, args.out, args.encoder, console)
+    tokenizer = M.load_tokenizer(recipe.model, recipe.base_dir)
+    tok = pipeline.tokenize_data(recipe, tokenizer)
+    plan = make_plan(recipe, data_stats=pipeline.data_stats(tok, recipe, tokenizer.pad_token_id))
+    encoder = None if args.encoder.lower() in ("none", "null") else args.encoder
+    sel = select_for_plan(tok, recipe, plan, encoder)
+    out = sel.write(args.out)
+    r = sel.report()
+    console.print(f"{r['policy']}: {r['reason']}", highlight=False)
+    console.print(f"kept {r['n_kept']} of {r['n_records']} examples ({r['tokens_kept']} tokens, {r['epochs']:g} "
+                  f"epochs); dropped {r['dropped_by_reason']}; skipped {r['skipped']}", highlight=False)
+    console.print(f"subset: {args.out}   report: {out}", highlight=False)
+    return 0
 
 
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "select": cmd_select}
+
+
+def _quiet_libraries() -> None:
+    """Library chatter that says nothing to a unitrain user."""
+    import warnings
+
+    # bitsandbytes on CPU looks for HF's optional `kernels` package and logs a warning when it's absent.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 2
     logging.basicConfig(level=os.environ.get("UNITRAIN_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
     console = Console(stderr=False)
     try:
         return COMMANDS[args.command](args, console)

@@ -42,7 +42,17 @@ def init(timeout_s: float | None = None) -> Context:
         torch.cuda.set_device(local_rank)
     if world > 1 and not td.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        td.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        try:
+            td.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        except (RuntimeError, td.DistError) as e:
+            from unitrain.errors import UnitrainError
+
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            hint = ("the port is in use: pass another --master_port to the launcher"
+                    if "address already in use" in str(e).lower() else
+                    "check MASTER_ADDR/MASTER_PORT, the hostfile and that every node can reach the first")
+            raise UnitrainError(f"could not join the process group at {where} ({type(e).__name__}: {e}); "
+                                f"{hint}") from None
     return context()
 
 

@@ -44,12 +44,39 @@ def resolve_source(name: str, gguf: str | None, base_dir: str | None = None) -> 
     return name, gguf
 
 
+def _cache_root(cfg) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("UNITRAIN_CACHE", Path.home() / ".cache" / "unitrain")).expanduser()
+
+
 def _gguf_cache(folder: str, gguf: str, cfg) -> Path:
     f = Path(folder) / gguf
     st = f.stat()
     key = hashlib.sha256(f"{f.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
-    root = Path(cfg.cache_dir or os.environ.get("UNITRAIN_CACHE", Path.home() / ".cache" / "unitrain")).expanduser()
-    return root / "models" / f"{f.stem}-{key}"
+    return _cache_root(cfg) / "models" / f"{f.stem}-{key}"
+
+
+def _materialize_config_model(cfg, seed: int, base_dir: str | None) -> Path:
+    """A `config:` model saved once as safetensors: bitsandbytes quantizes only inside from_pretrained, so a
+    QLoRA run of a fresh model loads it from here (same config + seed -> same weights as from_config)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(cfg, base_dir)
+    key = hashlib.sha256(json.dumps([config.to_dict(), seed], sort_keys=True, default=str).encode())
+    out = _cache_root(cfg) / "models" / f"config-{key.hexdigest()[:16]}"
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    try:
+        tmp.rename(out)  # complete or absent
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def _convert_gguf(folder: str, gguf: str, cfg) -> Path:
@@ -134,12 +161,13 @@ def load_model(cfg, strategy, seed: int, base_dir: str | None = None):
     kwargs = {"dtype": dtype, "attn_implementation": "sdpa", "trust_remote_code": cfg.trust_remote_code}
     if strategy.method == "qlora":
         kwargs["quantization_config"] = qlora_config(strategy)
-    if cfg.config is not None:
-        torch.manual_seed(seed)
+    torch.manual_seed(seed)  # fresh weights, and everything drawn after loading (LoRA init, dropout) repeat per seed
+    if cfg.config is not None and strategy.method != "qlora":
         model = AutoModelForCausalLM.from_config(load_config(cfg, base_dir), dtype=dtype,
                                                  attn_implementation="sdpa")
     else:
-        source = model_location(cfg, base_dir)
+        source = model_location(cfg, base_dir) if cfg.config is None else \
+            str(_materialize_config_model(cfg, seed, base_dir))
         try:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except (OSError, ValueError) as e:
@@ -147,8 +175,19 @@ def load_model(cfg, strategy, seed: int, base_dir: str | None = None):
                              f"name needs network or the HF cache; a folder needs config.json and weights)") from None
     if cfg.max_layers:
         _truncate_layers(model, cfg.max_layers)
+    if strategy.method == "qlora":
+        keep_4bit_layout(model)
     model.config.use_cache = False
     return model
+
+
+def keep_4bit_layout(model) -> None:
+    """bitsandbytes repacks 4-bit weights for a CPU inference kernel on the first no-grad forward (an eval). That
+    kernel has no backward, so every later training step would silently lose the gradient through the frozen base
+    (adapters of earlier layers get wrong gradients), and its outputs differ from the training kernel's."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
 
 
 def qlora_config(strategy):
@@ -169,6 +208,7 @@ def apply_method(model, method: str, lora_cfg, checkpointing):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if method == "qlora":
+        keep_4bit_layout(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing != "off",
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
@@ -177,18 +217,25 @@ def apply_method(model, method: str, lora_cfg, checkpointing):
 
 
 def apply_checkpointing(model, mode) -> int:
-    """Non-reentrant activation checkpointing: off, full, or every k-th decoder layer. -> layers checkpointed."""
+    """Non-reentrant activation checkpointing: off, full, or every k-th decoder layer (layers 0, k, 2k, ... —
+    ceil(L / k) of them, as the planner counts). -> layers checkpointed."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     if mode in ("off", None, 0):
         return 0
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    k = 1 if mode == "full" else int(mode)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x counts every_n_layers itself
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=k)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i % k == 0
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # frozen embeddings (LoRA) still need a grad path into layer 0
-    k = 1 if mode == "full" else int(mode)
-    layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing") and
-              type(m).__name__.endswith(("DecoderLayer", "Block"))]
-    for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = i % k == 0
-    return sum(layer.gradient_checkpointing for layer in layers)
+    return sum(bool(m.gradient_checkpointing) for m in base.modules() if isinstance(m, GradientCheckpointingLayer))
 
 
 def apply_kernels(model, kernels: list[str], mode: str):
@@ -211,8 +258,10 @@ def trainable_parameters(model) -> tuple[int, int]:
     return train, total
 
 
-def export(model, tokenizer, out_dir: Path, method: str, merge: bool) -> list[Path]:
-    """final/: the adapter (LoRA/QLoRA) or full model + tokenizer; merged/ on request. Atomic per folder."""
+def export(model, tokenizer, out_dir: Path, method: str, merge: bool, state_dict: dict | None = None) -> list[Path]:
+    """final/: the adapter (LoRA/QLoRA) or full model + tokenizer; merged/ on request. Atomic per folder.
+
+    state_dict: the full weights when the module holds only partitions (DeepSpeed ZeRO-3 gathers them)."""
     written = []
     targets = [(out_dir, False)] + ([(out_dir.with_name(out_dir.name + "-merged"), True)]
                                     if merge and method != "full" else [])
@@ -224,7 +273,7 @@ def export(model, tokenizer, out_dir: Path, method: str, merge: bool) -> list[Pa
             import copy
 
             m = copy.deepcopy(model).merge_and_unload()
-        m.save_pretrained(tmp)
+        m.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
         if target.exists():
             old = target.with_name(target.name + ".old")

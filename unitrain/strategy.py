@@ -119,6 +119,10 @@ class TorchBackend:
     def unwrap(self):
         return self.model
 
+    def full_state_dict(self) -> None:
+        """None: the module itself holds the full weights (ZeRO-3's backend gathers them instead)."""
+        return None
+
 
 def build_backend(plan, model, recipe, schedule: Schedule):
     """The backend the plan asks for. ZeRO plans need DeepSpeed (see the memory-strategies issue)."""

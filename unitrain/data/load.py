@@ -122,7 +122,8 @@ def _split_rows(rows: list[dict], skipped: dict, fmt: str) -> tuple[list[dict], 
         if r["truncated"]:
             skipped["truncated_kept"] = skipped.get("truncated_kept", 0) + 1
         kept.append(r)
-        canon.append({"prompt": r["prompt"], "response": r["response"], "id": r["row"], "n_tokens": r["n_tokens"]})
+        canon.append({"prompt": r["prompt"], "response": r["response"], "id": r["row"], "n_tokens": r["n_tokens"],
+                      "truncated": r["truncated"]})
     return kept, canon
 
 

@@ -2,16 +2,18 @@
 
 Row validity (counted skips, never silent): a record whose `prompt` or `response` is missing or not
 a string is `missing_text`; text that is not valid UTF-8 (bytes that fail to decode, lone
-surrogates from a lossy decode, or U+FFFD replacement characters left by one) is `invalid_utf8`.
+surrogates from a lossy decode, or more than 1% U+FFFD replacement characters left by one) is
+`invalid_utf8`. A stray U+FFFD is kept: real crawls have a few (4 of the 300 C4 demo documents).
 
 Format filters, each defined on the dataset rather than on one dataset's quirks:
 - `empty`: the response is blank after stripping whitespace (nothing to learn).
-- `too_long`: a supervised example (non-empty prompt) with more tokens than the sequence length;
-  truncation would cut its answer. Raw text is not filtered: the packer splits long documents.
+- `too_long`: a supervised example (non-empty prompt) with more tokens than the sequence length,
+  or marked `truncated: True` by a tokenizer that already cut it; truncation cuts its answer.
+  Raw text is not filtered: the packer splits long documents into blocks.
 - `truncated_answer`: a supervised answer that stops before the ending the dataset otherwise uses.
   Two rules, each active only when the dataset shows a convention (≥ 90% of answers follow it):
-  (1) a final-line marker: the first token of the answers' last line (digits folded to 0), e.g.
-      GSM8K's "####"; an answer that lacks the marker anywhere is truncated;
+  (1) a final-line marker: the first token of a multi-line answer's last line (digits folded
+      to 0), e.g. GSM8K's "####"; an answer with no line starting with the marker is truncated;
   (2) clean sentence ends: answers ending in a letter, comma, semicolon, colon, hyphen or an open
       bracket stop mid-sentence; flagged only when ≤ 10% of the answers end that way.
   Mixed datasets where no convention holds get no truncation flags (conservative by design).
@@ -34,6 +36,7 @@ from unitrain.errors import DataError
 
 CONVENTION_SHARE = 0.9  # a dataset "has" an ending convention when ≥ 90% of its answers follow it
 MODEL_SIGNAL_MAX_SHARE = 0.1  # model scoring may use at most 10% of the FLOP budget
+REPLACEMENT_SHARE = 0.01  # more U+FFFD than this: the row was decoded from non-UTF-8 bytes
 CANDIDATE_FACTOR = 2.0  # model scoring looks at ≤ 2× the tokens it will keep (cheap signals choose them)
 _MID_SENTENCE = re.compile(r"[A-Za-z,;:\-(\[{]$")
 _DIGITS = re.compile(r"\d+")
@@ -45,6 +48,7 @@ class Row:
     prompt: str
     response: str
     n_tokens: int
+    truncated: bool = False  # the tokenizer already cut it to the sequence length (record["truncated"])
 
     @property
     def text(self) -> str:
@@ -68,7 +72,7 @@ def _as_text(v) -> str | None:
         v.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates (e.g. from errors="surrogateescape")
         return None
-    return None if "\ufffd" in v else v
+    return None if v.count("\ufffd") > REPLACEMENT_SHARE * len(v) else v
 
 
 def read_rows(records: list[dict]) -> tuple[list[Row], dict[int, str]]:
@@ -89,13 +93,14 @@ def read_rows(records: list[dict]) -> tuple[list[Row], dict[int, str]]:
         n = r.get("n_tokens")
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             n = max(1, len(f"{p}\n{a}" if p else a) // 4)  # ≈ 4 characters per token
-        rows.append(Row(i, p, a, n))
+        rows.append(Row(i, p, a, n, r.get("truncated") is True))
     return rows, bad
 
 
 def final_marker(response: str) -> str:
-    last = response.rstrip().rsplit("\n", 1)[-1].strip()
-    return _DIGITS.sub("0", last.split()[0]) if last else ""
+    """First token of the last line (digits folded to 0); "" for a one-line answer (no separate final line)."""
+    body, _, last = response.strip().rpartition("\n")
+    return _DIGITS.sub("0", last.split()[0]) if body.strip() and last.strip() else ""
 
 
 def truncation_rule(rows: list[Row]) -> tuple[str, str | None]:
@@ -117,7 +122,8 @@ def is_truncated(row: Row, rule: tuple[str, str | None]) -> bool:
     if not row.supervised or kind == "none":
         return False
     if kind == "marker":
-        return not any(final_marker(line) == marker for line in row.response.splitlines() if line.strip())
+        return not any(_DIGITS.sub("0", line.split()[0]) == marker
+                       for line in row.response.splitlines() if line.strip())
     return bool(_MID_SENTENCE.search(row.response.rstrip()))
 
 
@@ -125,7 +131,7 @@ def format_filter(row: Row, *, seq_len: int, rule: tuple[str, str | None]) -> st
     """The first filter the row fails, or None."""
     if not row.response.strip():
         return "empty"
-    if row.supervised and row.n_tokens > seq_len:
+    if row.supervised and (row.n_tokens > seq_len or row.truncated):
         return "too_long"
     if is_truncated(row, rule):
         return "truncated_answer"

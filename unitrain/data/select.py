@@ -9,15 +9,18 @@ What survives is the *clean* data, T_clean tokens. With a token budget B the pol
 
 - **keep_all_repeat** (B ≥ T_clean: data is scarce). Keep every clean example and repeat it
   epochs = min(B / T_clean, max_epochs) times: repeated data is worth nearly as much as fresh data
-  up to ~4 epochs (Muennighoff et al. 2023), so nothing is thrown away. When B > max_epochs·T_clean
-  the data cannot use the budget; the reason says how many tokens are left unused.
+  up to ~4 epochs (Muennighoff et al. 2023), so between 1 and max_epochs passes nothing is thrown
+  away (a subset repeated more often would be worth less than all of it repeated less). When
+  B > max_epochs·T_clean the data cannot use the budget; the reason says how many tokens stay unused.
 - **select** (B < T_clean: data is abundant), one pass (epochs = 1), fraction ρ = B / T_clean:
-  * soft redundancy is dropped first: the same question asked again (prompt Jaccard ≥ 0.8 with a
+  * soft redundancy goes last: the same question asked again (prompt Jaccard ≥ 0.8 with a
     different answer; a prompt shared by ≥ 5 examples is a template and exempt) and semantic
     duplicates (embedding cosine ≥ 0.95 within a k-means cluster). They are kept while data is
-    scarce — they carry distinct tokens — and only used to fill the budget last;
+    scarce — they carry distinct tokens — and only fill the budget after everything else;
   * diversity: examples are clustered (k-means on sentence embeddings, √n clusters) and every
-    cluster contributes in proportion to its tokens (stratified, so no topic is lost by chance);
+    cluster contributes in proportion to its tokens (stratified, so no topic is lost by chance).
+    Embedding costs ∝ what is embedded, so when 4·B < T_clean only a random candidate set of 4·B
+    tokens is embedded (the selector's cost follows the budget, not the pool);
   * difficulty: the prototype distance (cosine to the cluster centroid, Sorscher et al. 2022), or
     the model's IFD/loss when those pay (below). Following Sorscher et al. and CADS, a small
     budget (ρ < HARD_SWITCH) keeps the easiest examples of each cluster (**select_clean_easy_diverse**);
@@ -34,8 +37,10 @@ Deterministic for a seed (k-means init, tie-breaks and the training order all co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +56,7 @@ NEAR_DUP_JACCARD = 0.8
 EMBED_DUP_COSINE = 0.95
 TEMPLATE_MIN = 5  # a prompt shared by this many examples is a template, not a repeated question
 OUTLIER_SHARE = 0.02  # hardest share of each cluster treated as likely noise in hard-first mode
+EMBED_CANDIDATE_FACTOR = 4.0  # embed at most 4× the tokens the budget keeps (a random candidate set)
 
 
 @dataclass
@@ -59,8 +65,11 @@ class Selection:
     epochs: float
     policy: str
     reason: str
-    dropped: dict[int, dict]  # index -> {"why", "of", "score"}
-    tokens_kept: int
+    # index -> {"why", "of": the kept index it duplicates or None, "score"}; score is the Jaccard
+    # (near_duplicate, plus "on": "text" | "prompt"), cosine (embedding_duplicate), token count
+    # (too_long) or difficulty (not_selected: prototype distance, IFD or loss), else None
+    dropped: dict[int, dict]
+    tokens_kept: int  # tokens of one pass over `indices`
     scores: dict[str, list[float]]  # per-record signals aligned with the records (nan = not computed)
     skipped: dict[str, int]  # bad rows by kind
     selector_flops: float
@@ -154,35 +163,38 @@ def select_subset(records: list[dict], token_budget: int | None, *, seq_len: int
     `batch_size`: sequences per optimizer step; fewer usable examples than that is an error.
     `cache_dir`: where embeddings are cached (keyed by encoder and texts), None = no cache.
     """
-    rows, bad = score.read_rows(records)
-    dropped: dict[int, dict] = {i: {"why": why, "of": None, "score": None} for i, why in bad.items()}
-    skipped = dict(Counter(bad.values()))
-    if len(rows) < max(1, batch_size):
-        raise DataError(f"data selection: only {len(rows)} usable example(s) of {len(records)} ({skipped or 'none'} "
-                        f"skipped), fewer than one batch of {batch_size}. Add data or lower "
-                        f"training.global_batch_size.")
-    n = len(records)
-    tokens_of = {r.index: r.n_tokens for r in rows}
-    scores = {"n_tokens": [float(tokens_of.get(i, math.nan)) for i in range(n)]}
-    rule = score.truncation_rule(rows)
-    details = {"n_records": n, "seq_len": seq_len, "token_budget": token_budget, "seed": seed,
-               "truncation_rule": {"kind": rule[0], "marker": rule[1]}}
-
-    survivors = []
-    for r in rows:
-        why = score.format_filter(r, seq_len=seq_len, rule=rule)
-        if why:
-            dropped[r.index] = {"why": why, "of": None, "score": float(r.n_tokens) if why == "too_long" else None}
-        else:
-            survivors.append(r)
-    exact = dedup.exact_duplicates((r.index, r.text) for r in survivors)
+    details: dict = {"n_records": len(records), "seq_len": seq_len, "token_budget": token_budget, "seed": seed}
+    with _timed(details, "read_and_filter"):
+        rows, bad = score.read_rows(records)
+        dropped: dict[int, dict] = {i: {"why": why, "of": None, "score": None} for i, why in bad.items()}
+        skipped = dict(Counter(bad.values()))
+        if len(rows) < max(1, batch_size):
+            raise DataError(f"data selection: only {len(rows)} usable example(s) of {len(records)} "
+                            f"({skipped or 'none'} skipped), fewer than one batch of {batch_size}. Add data or "
+                            f"lower training.global_batch_size.")
+        n = len(records)
+        tokens_of = {r.index: r.n_tokens for r in rows}
+        scores = {"n_tokens": [float(tokens_of.get(i, math.nan)) for i in range(n)]}
+        rule = score.truncation_rule(rows)
+        details["truncation_rule"] = {"kind": rule[0], "marker": rule[1]}
+        survivors = []
+        for r in rows:
+            why = score.format_filter(r, seq_len=seq_len, rule=rule)
+            if why:
+                dropped[r.index] = {"why": why, "of": None, "score": float(r.n_tokens) if why == "too_long" else None}
+            else:
+                survivors.append(r)
+    with _timed(details, "exact_duplicates"):
+        exact = dedup.exact_duplicates((r.index, r.text) for r in survivors)
     for i, j in exact.items():
         dropped[i] = {"why": "exact_duplicate", "of": j, "score": 1.0}
     survivors = [r for r in survivors if r.index not in exact]
-    near = dedup.near_duplicates(((r.index, r.text) for r in survivors), threshold=NEAR_DUP_JACCARD)
+    with _timed(details, "near_duplicates"):
+        near = dedup.near_duplicates(((r.index, r.text) for r in survivors), threshold=NEAR_DUP_JACCARD)
     for i, (j, jac) in near.items():
         dropped[i] = {"why": "near_duplicate", "of": j, "score": round(jac, 4), "on": "text"}
     clean = [r for r in survivors if r.index not in near]
+    del survivors
     if len(clean) < max(1, batch_size):
         raise DataError(f"data selection: {len(clean)} clean example(s) remain of {len(records)} after removing "
                         f"{dict(Counter(d['why'] for d in dropped.values()))}, fewer than one batch of {batch_size}. "
@@ -209,6 +221,7 @@ def select_subset(records: list[dict], token_budget: int | None, *, seq_len: int
             reason += f"; capped at {max_epochs:g} epochs, {unused:,.0f} budget tokens stay unused"
         return done([r.index for r in clean], epochs, "keep_all_repeat", reason)
     return _select(records, clean, token_budget, t_clean, rng, done, dropped, scores, details, seed=seed,
+                   batch_size=batch_size,
                    encoder=encoder, embed_max_tokens=embed_max_tokens, cache_dir=cache_dir, model_scorer=model_scorer,
                    scorer_flops_per_token=scorer_flops_per_token, budget_flops=budget_flops)
 
@@ -227,7 +240,7 @@ def embed_text(r: score.Row, max_tokens: int) -> str:
     return t if len(t) <= 2 * half else f"{t[:half]} … {t[-half:]}"
 
 
-def _select(records, clean, budget, t_clean, rng, done, dropped, scores, details, *, seed, encoder,
+def _select(records, clean, budget, t_clean, rng, done, dropped, scores, details, *, seed, batch_size, encoder,
             embed_max_tokens, cache_dir, model_scorer, scorer_flops_per_token, budget_flops) -> Selection:
     from unitrain.data import embed as emb_mod
 
@@ -236,39 +249,50 @@ def _select(records, clean, budget, t_clean, rng, done, dropped, scores, details
     idx = np.array([r.index for r in clean])
     tok = np.array([r.n_tokens for r in clean], dtype=np.float64)
     notes, flops = [], 0.0
-    redundant: dict[int, dict] = {}
-    for i, (j, s) in _prompt_duplicates(clean).items():
-        redundant[i] = {"why": "near_duplicate", "of": j, "score": round(s, 4), "on": "prompt"}
-
+    with _timed(details, "prompt_duplicates"):
+        redundant = {i: {"why": "near_duplicate", "of": j, "score": round(s, 4), "on": "prompt"}
+                     for i, (j, s) in _prompt_duplicates(clean).items()}
+    tier = np.array([1 if i in redundant else 0 for i in idx])
+    pool = np.arange(m)  # positions in `clean` that may be selected
     labels = np.zeros(m, dtype=np.int64)
     difficulty = None
     if encoder is None:
         notes.append("embeddings skipped (encoder=None): no semantic dedup, clusters or prototype difficulty")
     else:
         enc = emb_mod.load_encoder(encoder, max_tokens=embed_max_tokens or emb_mod.DEFAULT_MAX_TOKENS)
-        est = enc.flops_per_token * sum(min(r.n_tokens, enc.max_tokens) for r in clean)
+        if EMBED_CANDIDATE_FACTOR * budget < t_clean:  # embed a random candidate set, not the whole pool
+            pool = np.sort(np.array(_fill(np.lexsort((rng.random(m), tier)), tok, int(EMBED_CANDIDATE_FACTOR * budget))))
+        est = enc.flops_per_token * sum(min(clean[p].n_tokens, enc.max_tokens) for p in pool)
         if budget_flops is not None and est > score.MODEL_SIGNAL_MAX_SHARE * budget_flops:
+            pool = np.arange(m)
             notes.append(f"embeddings skipped: ≈{est:.3g} FLOPs > {score.MODEL_SIGNAL_MAX_SHARE:.0%} of the budget")
         else:
-            e, f = emb_mod.embed_texts([embed_text(r, enc.max_tokens) for r in clean], enc, cache_dir=cache_dir)
+            with _timed(details, "embed"):
+                e, f = emb_mod.embed_texts([embed_text(clean[p], enc.max_tokens) for p in pool], enc,
+                                           cache_dir=cache_dir)
             flops += f
-            k = dedup.default_n_clusters(m)
-            labels, dist = dedup.cluster(e, n_clusters=k, seed=seed)
-            for row, (j, cos) in dedup.embedding_duplicates(e, labels, threshold=EMBED_DUP_COSINE).items():
-                redundant.setdefault(int(idx[row]), {"why": "embedding_duplicate", "of": int(idx[j]),
-                                                     "score": round(cos, 4)})
-            difficulty = dist.astype(np.float64)
+            k = dedup.default_n_clusters(len(pool))
+            with _timed(details, "cluster"):
+                lab, dist = dedup.cluster(e, n_clusters=k, seed=seed)
+            with _timed(details, "embedding_duplicates"):
+                for row, (j, cos) in dedup.embedding_duplicates(e, lab, threshold=EMBED_DUP_COSINE).items():
+                    redundant.setdefault(int(idx[pool[row]]), {"why": "embedding_duplicate",
+                                                               "of": int(idx[pool[j]]), "score": round(cos, 4)})
+            del e
+            tier = np.array([1 if i in redundant else 0 for i in idx])
+            labels[pool] = lab
+            difficulty = np.full(m, math.nan)
+            difficulty[pool] = dist
             proto = np.full(n, math.nan)
-            proto[idx] = dist
+            proto[idx[pool]] = dist
             scores["prototype_distance"] = proto.tolist()
             details["encoder"] = {"name": enc.name, "source": enc.source, "max_tokens": enc.max_tokens,
-                                  "clusters": k, "embedding_flops": f}
-    tier = np.array([1 if i in redundant else 0 for i in idx])
-    pool = np.arange(m)
+                                  "embedded": int(len(pool)), "clusters": k, "embedding_flops": f}
 
     if model_scorer is not None:
-        cand_order = _stratified_order(tok, labels, rng.random(m), tier, rng)
-        cand = np.array(_fill(cand_order, tok, int(score.CANDIDATE_FACTOR * budget)))
+        cand_order = pool[_stratified_order(tok[pool], labels[pool], rng.random(len(pool)), tier[pool], rng)]
+        cand = np.sort(cand_order[_fill(range(len(cand_order)), tok[cand_order],
+                                         int(score.CANDIDATE_FACTOR * budget))])
         ifd = any(clean[c].supervised for c in cand)
         use, cost, why = score.model_signals_pay(candidate_tokens=int(tok[cand].sum()), ifd=ifd,
                                                  scorer_flops_per_token=scorer_flops_per_token,
@@ -276,7 +300,8 @@ def _select(records, clean, budget, t_clean, rng, done, dropped, scores, details
         notes.append(why)
         details["model_signals"] = {"used": use, "flops": cost, "candidates": int(len(cand))}
         if use:
-            got = score.run_model_scorer(model_scorer, records, [int(idx[c]) for c in cand])
+            with _timed(details, "model_scorer"):
+                got = score.run_model_scorer(model_scorer, records, [int(idx[c]) for c in cand])
             flops += cost
             loss, ifds = np.full(n, math.nan), np.full(n, math.nan)
             for i, (lq, v) in got.items():
@@ -284,31 +309,36 @@ def _select(records, clean, budget, t_clean, rng, done, dropped, scores, details
             scores["loss"], scores["ifd"] = loss.tolist(), ifds.tolist()
             signal = ifds[idx] if np.isfinite(ifds[idx[cand]]).any() else loss[idx]
             pool = cand[np.isfinite(signal[cand])]
-            difficulty = np.where(np.isfinite(signal), signal, np.nanmedian(signal[pool]))
+            difficulty = signal
 
     if budget_flops is not None and flops:
         budget = int(budget * max(0.0, 1 - flops / budget_flops))
         notes.append(f"selector FLOPs {flops:.3g} charged: {budget:,} training tokens remain")
+    priority = np.zeros(m)
     if difficulty is None:
         policy, priority = "select_clean_random", rng.random(m)
     else:
-        rank = _within_rank(difficulty, labels)
+        rank = np.full(m, math.nan)
+        rank[pool] = _within_rank(difficulty[pool], labels[pool])
         if rho < HARD_SWITCH:
-            policy, priority = "select_clean_easy_diverse", rank
+            policy, priority[pool] = "select_clean_easy_diverse", rank[pool]
         else:  # hardest first, the most atypical OUTLIER_SHARE of each cluster last
-            policy, priority = "select_with_hard", np.where(rank > 1 - OUTLIER_SHARE, 1 + rank, 1 - rank)
+            policy = "select_with_hard"
+            priority[pool] = np.where(rank[pool] > 1 - OUTLIER_SHARE, 1 + rank[pool], 1 - rank[pool])
         ranks = np.full(n, math.nan)
-        ranks[idx[pool]] = rank[pool]
+        ranks[idx] = rank
         scores["difficulty_rank"] = ranks.tolist()
     order = pool[_stratified_order(tok[pool], labels[pool], priority[pool], tier[pool], rng)]
-    take = set(order[_fill(range(len(order)), tok[order], budget)].tolist()) if len(order) else set()
+    n_fit = len(_fill(range(len(order)), tok[order], budget))  # _fill takes a prefix of the order
+    if n_fit < min(batch_size, len(order)):
+        n_fit = min(batch_size, len(order))
+        notes.append(f"the budget holds less than one batch; kept one batch ({n_fit} examples)")
+    take = set(order[:n_fit].tolist())
     kept = [int(idx[p]) for p in sorted(take)]
     for p in range(m):
-        if p in take:
-            continue
-        i = int(idx[p])
-        dropped[i] = redundant.get(i) or {"why": "not_selected", "of": None,
-                                          "score": None if difficulty is None else round(float(difficulty[p]), 5)}
+        if p not in take:
+            d = None if difficulty is None or not np.isfinite(difficulty[p]) else round(float(difficulty[p]), 5)
+            dropped[int(idx[p])] = redundant.get(int(idx[p])) or {"why": "not_selected", "of": None, "score": d}
     details.update(budget_fraction=rho, redundant=len(redundant), hard_switch=HARD_SWITCH, notes=notes)
     reason = (f"data is abundant: budget {budget:,} tokens < clean data {t_clean:,} tokens (ρ = {rho:.1%}); "
               + {"select_clean_random": "no difficulty signal, random clean examples",
@@ -318,3 +348,10 @@ def _select(records, clean, budget, t_clean, rng, done, dropped, scores, details
               + (f"; {len(redundant):,} redundant examples go last" if redundant else "")
               + "".join(f"; {x}" for x in notes))
     return done(kept, 1.0, policy, reason, flops)
+
+
+@contextlib.contextmanager
+def _timed(details: dict, stage: str):
+    t0 = time.perf_counter()
+    yield
+    details.setdefault("seconds", {})[stage] = round(time.perf_counter() - t0, 3)

@@ -15,7 +15,7 @@ from unitrain.data.formats import Example
 
 IGNORE = -100
 PLAIN_ROLES = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
-TOKENIZE_VERSION = 2  # bump when the output of tokenize_example changes: invalidates caches
+TOKENIZE_VERSION = 3  # bump when the output of tokenize_example changes: invalidates caches
 
 
 def _template(tokenizer, messages, add_generation_prompt):
@@ -77,6 +77,9 @@ def tokenize_example(ex: Example, tokenizer, max_length: int, use_template: bool
             piece = tokenizer(text, add_special_tokens=False)["input_ids"]
             ids += piece
             labels += piece if is_response else [IGNORE] * len(piece)
+    if ex.text is not None:  # raw text is cut into max_length blocks by packing, never truncated
+        return {"input_ids": ids, "labels": labels, "n_tokens": len(ids), "n_loss_tokens": max(0, len(ids) - 1),
+                "truncated": False}
     truncated = len(ids) > max_length
     ids, labels = ids[:max_length], labels[:max_length]
     return {"input_ids": ids, "labels": labels, "n_tokens": len(ids),

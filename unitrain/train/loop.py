@@ -181,12 +181,19 @@ class Trainer:
             self.tracker.set_total(self.end_step)
             self._say(f"governor: stop ({decision.reason}) at step {self.step}: {decision.detail}; "
                       f"cooling the LR down until step {self.end_step}")
-        else:
+        else:  # budget or nonfinite: now. An eval's non-finite loss must end the loop (and skip saves) too.
+            self.end_step = self.step
             self._say(f"governor: stop ({decision.reason}) at step {self.step}: {decision.detail}")
 
     def _finish(self, result: RunResult) -> RunResult:
         if self.stop_reason == "nonfinite":
-            self._say("training diverged (non-finite loss); the last good checkpoint is kept, no export written")
+            # Nothing is saved after the loss went non-finite: the newest checkpoint predates it.
+            done = ckpt.list_complete(self.run_dir / "checkpoints")
+            kept = (f"the last good checkpoint is kept: {done[-1][1]} (step {done[-1][0]}); lower training.lr and "
+                    f"resume from it with output.resume=auto" if done else
+                    "no checkpoint was written before it (raise the save frequency with output.save_every)")
+            self._say(f"training diverged (non-finite loss at step {self.step}); {kept}. No export written")
+            result.extra["governor"] = self.governor.finalize(self.step, None) if self.ctx.is_main else {}
             self.tracker.close()
             result.steps, result.stop_reason, result.exit_code = self.step, self.stop_reason, 3
             return result
@@ -240,7 +247,9 @@ class Trainer:
 
     def _budget(self) -> dict:
         prog = self.governor.progress()
-        return {k: v for k, v in prog.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        # "step" is the governor's count of accounted steps; the row's own step must win (they differ on
+        # the step whose loss was non-finite, which is never accounted).
+        return {k: v for k, v in prog.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
 
 
 def write_json(path: Path, obj) -> None:

@@ -36,16 +36,23 @@ def check_run_dir(recipe) -> Path:
 
 
 def choose_subset(tok, recipe, plan) -> tuple[list[int] | None, dict]:
-    """Selection when the budget affords less than the data holds (unitrain.data.select decides how)."""
-    if not recipe.data.select or plan.budget is None:
-        return None, {"policy": "all", "reason": "no budget or data.select=false: all clean data is used"}
-    try:
-        from unitrain.data.select import select_subset
-    except ImportError:
-        return None, {"policy": "all", "reason": "selection module unavailable"}
-    sel = select_subset(tok.train_records, plan.total_tokens, seq_len=plan.seq_len, seed=recipe.training.seed,
-                        encoder=None)
-    return sel.indices, sel.report()
+    """Which examples fill the tokens the plan trains on (unitrain.data.select decides and explains)."""
+    if not recipe.data.select:
+        return None, {"policy": "all", "reason": "data.select=false: every example is used"}
+    sel = select_for_plan(tok, recipe, plan, recipe.data.select_encoder)
+    report = sel.report()
+    keys = ("policy", "reason", "epochs", "n_kept", "tokens_kept", "dropped_by_reason", "skipped", "selector_flops")
+    return sel.indices, {k: report[k] for k in keys}
+
+
+def select_for_plan(tok, recipe, plan, encoder):
+    """The selector on the tokenized training examples, for the tokens the plan trains on."""
+    from unitrain.data.load import default_cache_dir
+    from unitrain.data.select import select_subset
+
+    return select_subset(tok.train_records, plan.total_tokens or None, seq_len=plan.seq_len,
+                         seed=recipe.training.seed, encoder=encoder, batch_size=max(1, plan.global_batch_size),
+                         cache_dir=default_cache_dir(recipe.data).parent / "embeddings")
 
 
 def run_recipe(recipe, console=None):

