@@ -11,7 +11,6 @@ a budget too small for one step is an error before training.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +57,7 @@ def recipe(words, tmp_path):
             "name": "gov",
             "model": {"config": dict(TINY), "tokenizer": str(words / "tok")},
             "data": {"train": str(words / "train.txt"), "format": "text", "eval_split": 24, "max_length": SEQ,
-                     "cache_dir": str(tmp_path / "tokenized")},
+                     "select": False, "cache_dir": str(tmp_path / "tokenized")},  # all of it: no selector
             "method": {"name": "full"},
             "training": {"lr": 1e-2, "global_batch_size": BATCH, "micro_batch_size": BATCH, "eval_every": 2,
                          "gradient_checkpointing": "off", "kernels": "off"},
