@@ -63,7 +63,7 @@ def tiny_recipe(tmp_path, smollm2_dir, shared_data):
             "name": "tiny",
             "model": {"config": dict(TINY_LLAMA), "tokenizer": str(smollm2_dir)},
             "data": {"train": str(shared_data / "gsm8k" / "train.jsonl"), "max_examples": 64, "eval_split": 16,
-                     "max_length": 128, "select_encoder": None},
+                     "max_length": 128, "select": False},
             "method": {"name": "full"},
             "training": {"lr": 3e-3, "global_batch_size": 4, "micro_batch_size": 2, "max_steps": 6, "eval_every": 3,
                          "gradient_checkpointing": "off", "kernels": "off"},

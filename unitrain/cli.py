@@ -50,9 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     sel = sub.add_parser("select", help="score the data and write the subset the budget affords")
     sel.add_argument("recipe")
     sel.add_argument("overrides", nargs="*", metavar="key=value")
-    sel.add_argument("--budget", help="FLOPs, GPU-hours or tokens (default: the recipe's)")
+    sel.add_argument("--budget", help="FLOPs, GPU-hours or tokens; replaces the recipe's budget and "
+                     "training.max_steps (default: the recipe's)")
     sel.add_argument("--out", required=True, help="subset JSONL to write (the report goes beside it)")
-    sel.add_argument("--encoder", default="default", help="sentence-transformers model for embeddings, or none")
+    sel.add_argument("--encoder", help="sentence-transformers model for embeddings, or none (default: the recipe's "
+                     "data.select_encoder, as `unitrain run` uses)")
     return p
 
 
@@ -138,11 +140,13 @@ def cmd_select(args, console) -> int:
     from unitrain.plan import make_plan
     from unitrain.train.run import select_for_plan
 
-    recipe = _load(args, [f"resources.budget={args.budget}"] if args.budget else [])
+    # An explicit --budget decides the length: a recipe's training.max_steps would otherwise win silently.
+    recipe = _load(args, [f"resources.budget={args.budget}", "training.max_steps=null"] if args.budget else [])
     tokenizer = M.load_tokenizer(recipe.model, recipe.base_dir)
     tok = pipeline.tokenize_data(recipe, tokenizer)
     plan = make_plan(recipe, data_stats=pipeline.data_stats(tok, recipe, tokenizer.pad_token_id))
-    encoder = None if args.encoder.lower() in ("none", "null") else args.encoder
+    encoder = recipe.data.select_encoder if args.encoder is None else \
+        None if args.encoder.lower() in ("none", "null") else args.encoder
     sel = select_for_plan(tok, recipe, plan, encoder)
     out = sel.write(args.out)
     r = sel.report()

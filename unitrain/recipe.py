@@ -148,7 +148,7 @@ class StoppingConfig:
     min_budget_gain: float = _doc(
         "Budget-derived threshold: stop when the whole budget, spent at the current marginal gain, would "
         "lower the loss by less than this fraction of the predicted final loss (0.02 = 2%); on the fitted "
-        "curve the stop then costs at most ~0.37× this fraction of loss.", default=0.02)
+        "curve the stop then costs at most ~0.37× this fraction of loss.", default=0.01)
     min_r2: float = _doc("No marginal-gain stop while the learning-curve fit's R² is below this.", default=0.9)
 
 

@@ -140,7 +140,8 @@ class ResourceSpec:
 
     @property
     def on_cpu(self) -> bool:
-        return self.gpus_per_node == 0
+        """CPU training: gpus_per_node then counts processes (0 or 1 = a single process)."""
+        return self.gpus_per_node == 0 or self.accelerator == "CPU"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -201,6 +202,8 @@ def resolve_resources(cfg, world_size: int | None = None) -> ResourceSpec:
     spec = ResourceSpec(gpus_per_node=gpus, nodes=cfg.nodes, gpu_memory=gpu_mem, cpu_memory=cpu_mem,
                         accelerator=accel.name, peak_flops=peak, mfu=accel.mfu,
                         budget=parse_budget(cfg.budget) if cfg.budget else None)
+    if spec.on_cpu and world_size and world_size > 1 and cfg.gpu_memory in (None, "auto"):
+        spec.gpu_memory = cpu_mem // max(1, world_size // cfg.nodes)  # processes on a node share its memory
     if world_size is not None and world_size > 1 and world_size != spec.world_size:
         if cfg.gpus_per_node == "auto" and cfg.nodes == 1:
             spec.gpus_per_node, spec.nodes = world_size, 1  # one launcher node: trust the launcher

@@ -136,8 +136,10 @@ def enumerate_strategies(recipe, spec, shape: ModelShape, refusals: list[str]) -
         if t.optimizer != "adamw" and not have_bnb:
             raise MissingPackageError("bitsandbytes", f"training.optimizer={t.optimizer}", "bnb")
         if t.optimizer != "adamw" and not _auto(sc.zero_stage) and int(sc.zero_stage) > 0:
-            raise PlanError(f"training.optimizer={t.optimizer} cannot run under DeepSpeed ZeRO-{sc.zero_stage}, which "
-                            f"partitions its own fp32 Adam; use training.optimizer=adamw or strategy.zero_stage=0")
+            raise PlanError(f"training.optimizer={t.optimizer} is not combined with DeepSpeed ZeRO-{sc.zero_stage} by "
+                            f"unitrain: ZeRO keeps its own fp32 master partitions and the memory model for 8-bit "
+                            f"states over them is not validated yet; use training.optimizer=adamw or "
+                            f"strategy.zero_stage=0")
     methods = recipe.methods
     if "qlora" in methods and not have_bnb:
         if len(methods) == 1:
@@ -148,6 +150,11 @@ def enumerate_strategies(recipe, spec, shape: ModelShape, refusals: list[str]) -
         raise PlanError("method qlora cannot be combined with ZeRO-3 parameter partitioning: the 4-bit quantized "
                         "weights (bitsandbytes Params4bit) cannot be partitioned and gathered by DeepSpeed; use "
                         "strategy.zero_stage 0-2 (or auto)")
+    merge_adapter = recipe.output.merge and methods != ["full"]
+    if merge_adapter and stages == [3]:
+        raise PlanError("output.merge=true with LoRA/QLoRA needs the whole base model on one rank, which ZeRO-3 "
+                        "partitions; use strategy.zero_stage 0-2 (or auto), or merge later with peft's "
+                        "merge_and_unload on the exported adapter")
     gc = t.gradient_checkpointing
     ckpts = ["off", 4, 2, "full"] if _auto(gc) else [gc]
     ckpts = [c for c in ckpts if not isinstance(c, int) or c < shape.num_layers or not _auto(gc)]
@@ -171,7 +178,7 @@ def enumerate_strategies(recipe, spec, shape: ModelShape, refusals: list[str]) -
     out = []
     for method in methods:
         for zs in stages:
-            if method == "qlora" and zs == 3:
+            if method == "qlora" and zs == 3 or merge_adapter and method != "full" and zs == 3:
                 continue
             offs_o = [False] if zs == 0 else ([sc.offload_optimizer] if isinstance(sc.offload_optimizer, bool)
                                               else [False, True])

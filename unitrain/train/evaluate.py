@@ -20,16 +20,20 @@ def eval_loss(model, sequences, batch_size: int, max_batches: int | None = None,
     total, count = 0.0, 0
     n = len(sequences)
     starts = list(range(0, n, batch_size))[: max_batches or None]
-    for s in starts[rank::world]:
+    mine = starts[rank::world]
+    # Every rank runs the same number of forwards: ZeRO-3 gathers parameters collectively in each one, so a
+    # rank that stopped early would leave the others waiting. Padding forwards are computed and discarded.
+    rounds = -(-len(starts) // world)
+    for i in range(rounds):
+        s, pad = (mine[i], False) if i < len(mine) else (starts[0], True)
         batch = sequences.batch(list(range(s, min(n, s + batch_size))))
         batch = {k: v.to(model.device) for k, v in batch.items()}
         tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
-        if tokens == 0:
-            continue
         with autocast or contextlib.nullcontext():
-            out = model(**batch, num_items_in_batch=torch.tensor(tokens, device=model.device))
-        total += float(out.loss) * tokens  # loss = sum / tokens
-        count += tokens
+            out = model(**batch, num_items_in_batch=torch.tensor(max(1, tokens), device=model.device))
+        if not pad and tokens:
+            total += float(out.loss) * tokens  # loss = sum / tokens
+            count += tokens
     if was_training:
         model.train()
     return total, count

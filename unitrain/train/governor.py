@@ -68,14 +68,19 @@ import numpy as np
 
 from unitrain.errors import UnitrainError
 from unitrain.resources import Budget
-from unitrain.train.curve_fit import MIN_FIT_POINTS, TAIL, fit_power_law, noise_sigma, smooth
+from unitrain.train.curve_fit import TAIL, fit_power_law, noise_sigma, smooth
 
 PATIENCE_SIGMAS = 5.0  # a rise counts when it clears the best smoothed level by this many noise σ
 PATIENCE_MIN_EVALS = 6  # below this the noise σ is too uncertain to call a rise
 PATIENCE_NOISE_WINDOW = 32  # evals the patience rule's noise σ is measured on
 EMA = 0.3  # weight of the newest step in the moving-average step cost
 FIT_WINDOW = 0.1  # fit the last decade of steps, [0.1·t, t]: early transients are not the law now
-FIT_WINDOW_POINTS = 6  # ... or the last 6 evals when the decade holds fewer
+FIT_WINDOW_POINTS = 8  # ... or the last 8 evals when the decade holds fewer
+POST_WARMUP = 2  # fit evals from this multiple of the warmup on: right after warmup the peak LR bumps the loss
+MIN_RULE_POINTS = 8  # fitted evals after warmup before any rule stop: 3 parameters and a noise level
+MIN_SPAN = 4.0  # ... spanning at least this ratio t_last/t_first in steps
+FLAT_SPAN = 8.0  # a fit without a drop beyond the noise needs (nearly) a full decade of steps
+FLAT_SIGMAS = 2.0  # 'without a drop': the fitted drop across the window is below this many noise σ
 LOF_SIGMAS = 2.0  # a low-R² fit still passes when its RMS residual is within this many noise σ
 CONFIRM_EVALS = 2  # the rule must hold at this many evals in a row: one noisy eval cannot stop a run
 
@@ -83,8 +88,8 @@ CONFIRM_EVALS = 2  # the rule must hold at this many evals in a row: one noisy e
 @dataclass
 class Decision:
     stop: bool
-    reason: str  # marginal_gain | patience | budget | nonfinite | continue | min_evals | poor_fit |
-    #              end_of_budget | stopped (already stopping) | disabled (the rule would stop)
+    reason: str  # marginal_gain | patience | budget | nonfinite | continue | min_evals | min_span | poor_fit |
+    #              flat_fit | end_of_budget | confirming | stopped (already stopping) | disabled (rule would stop)
     detail: str  # human readable, with the numbers
     fit: dict | None = None  # CurveFit.to_dict(): a, b, c, r2, rmse, noise, ...
     threshold: float | None = None  # λ, loss per FLOP
@@ -174,7 +179,7 @@ class Governor:
     def _check_eval_cadence(self, eval_every: int | None) -> None:
         if eval_every is None or not self.cfg.enabled:
             return
-        need = max(self.cfg.min_evals, MIN_FIT_POINTS)
+        need = max(self.cfg.min_evals, MIN_RULE_POINTS)
         n = self.plan.max_steps // eval_every if eval_every > 0 else 0
         if n < need:
             hint = max(1, self.plan.max_steps // (2 * need))
@@ -304,25 +309,32 @@ class Governor:
                             f"best smoothed level {self._rise_ref:.4g} for {self.rising} evals in a row: "
                             f"overfitting (best eval {self.best_loss:.4g} at step {self.best_step})",
                             cooldown_steps=self.cooldown_for(step), **common)
-        pts = [(s, l) for s, l, f in self.evals if f and s >= max(1, self.plan.warmup_steps)]
+        pts = [(s, l) for s, l, f in self.evals if f and s >= max(1, POST_WARMUP * self.plan.warmup_steps)]
         n_evals = sum(1 for e in self.evals if e[2])
         recent = [p for p in pts if p[0] >= FIT_WINDOW * step]
         pts = recent if len(recent) >= FIT_WINDOW_POINTS else pts[-FIT_WINDOW_POINTS:]
-        if n_evals < cfg.min_evals or len(pts) < MIN_FIT_POINTS:
+        if n_evals < cfg.min_evals or len(pts) < MIN_RULE_POINTS:
             return Decision(False, "min_evals", f"{n_evals} evals, {len(pts)} to fit after warmup; the rule needs "
-                            f"{cfg.min_evals} evals and {MIN_FIT_POINTS} fitted points", **common)
+                            f"{cfg.min_evals} evals and {MIN_RULE_POINTS} fitted points", **common)
+        span = step / pts[0][0]
+        if span < MIN_SPAN:
+            return Decision(False, "min_span", f"the fitted evals span steps {pts[0][0]}-{step} ({span:.1f}×); "
+                            f"the rule needs {MIN_SPAN:g}× to tell a power law from a plateau", **common)
         fit = fit_power_law([p[0] for p in pts], [p[1] for p in pts])
         if fit is None:
             return Decision(False, "poor_fit", "no fit", **common)
         F, T = self._flops_per_step(), self._horizon(step)
+        cooldown = self.cooldown_for(step)
+        t_end = step + cooldown
         pred = fit.loss(T)
-        gain = fit.slope(step) / F
         if cfg.loss_per_flop is not None:
-            lam, source = float(cfg.loss_per_flop), "stopping.loss_per_flop"
-        else:
-            lam = cfg.min_budget_gain * pred / (F * T)
-            source = (f"ε={cfg.min_budget_gain:g} of the predicted loss over the budget's {F * T:.3g} FLOPs "
-                      f"(step {T:.0f})")
+            gain, lam = fit.slope(step) / F, float(cfg.loss_per_flop)
+            source = "stopping.loss_per_flop vs the slope now"
+        else:  # the average gain per FLOP of training on from the stop's end to the budget's end
+            rest = max(T - t_end, 1e-9) * F
+            gain, lam = (fit.loss(t_end) - pred) / rest, cfg.min_budget_gain * pred / rest
+            source = (f"ε={cfg.min_budget_gain:g} of the predicted loss over the {T - t_end:.0f} steps after "
+                      f"the cooldown")
         nums = dict(fit=fit.to_dict(), threshold=lam, marginal_gain=gain, predicted_final_loss=pred,
                     horizon_step=T, **common)
         curve = f"L = {fit.a:.4g} + {fit.b:.4g}·t^-{fit.c:.3g} (R² {fit.r2:.3f})"
@@ -334,13 +346,17 @@ class Governor:
         if fit.tail_residual < -tail_limit:
             return Decision(False, "poor_fit", f"{curve}: the last {TAIL} evals lie {-fit.tail_residual:.3g} "
                             f"below the fit (> {tail_limit:.2g}): falling faster than the law", **nums)
-        cooldown = self.cooldown_for(step)
-        saved = T - step - cooldown
+        drop = fit.loss(fit.t_first) - fit.loss(fit.t_last)
+        if (drop < FLAT_SIGMAS * noise or fit.r2 < cfg.min_r2) and span < FLAT_SPAN:
+            return Decision(False, "flat_fit", f"{curve}: the fitted drop {drop:.3g} across steps {pts[0][0]}-"
+                            f"{step} (noise σ {noise:.3g}) leaves the evals mostly noise over only {span:.1f}×: "
+                            f"a plateau and a floor look alike until {FLAT_SPAN:g}×", **nums)
+        saved = T - t_end
         if saved <= 0:
             return Decision(False, "end_of_budget", f"{curve}: {T - step:.0f} steps left, cooldown "
                             f"{cooldown}: stopping now would save nothing", **nums)
-        text = (f"{curve}; gain {gain:.3g} loss/FLOP vs threshold {lam:.3g} ({source}); "
-                f"predicted loss at step {T:.0f}: {pred:.4g}")
+        text = (f"{curve}; gain {gain:.3g} loss/FLOP vs threshold {lam:.3g} ({source}); predicted loss at "
+                f"step {t_end} {fit.loss(t_end):.4g}, at step {T:.0f} {pred:.4g}")
         self.below = below + 1 if gain < lam else 0
         if self.below >= CONFIRM_EVALS:
             return Decision(True, "marginal_gain", f"stop: {text}; cooldown {cooldown} steps, saves "

@@ -50,9 +50,23 @@ def select_for_plan(tok, recipe, plan, encoder):
     from unitrain.data.load import default_cache_dir
     from unitrain.data.select import select_subset
 
-    return select_subset(tok.train_records, plan.total_tokens or None, seq_len=plan.seq_len,
+    budget = int(plan.total_tokens * _slot_fill(tok, recipe, plan.seq_len)) if plan.total_tokens else None
+    return select_subset(tok.train_records, budget, seq_len=plan.seq_len,
                          seed=recipe.training.seed, encoder=encoder, batch_size=max(1, plan.global_batch_size),
                          cache_dir=default_cache_dir(recipe.data).parent / "embeddings")
+
+
+def _slot_fill(tok, recipe, seq_len: int) -> float:
+    """Real tokens per sequence slot, as a share of seq_len, for the examples the selector can keep.
+
+    plan.total_tokens counts slots (steps × G × seq_len), but a packed sequence holds whole examples
+    (~80-95% full) and an unpacked one a single example (often mostly padding); a subset sized in slot
+    tokens would hold more examples than the planned steps reach. Supervised examples the tokenizer cut
+    are left out of the estimate: the selector always drops them (too_long).
+    """
+    rows = tok.train if tok.format == "text" else [r for r in tok.train if not r["truncated"]] or tok.train
+    seqs = pipeline.pack(rows, tok.format, seq_len, 0, recipe.data.packing)
+    return min(1.0, sum(r["n_tokens"] for r in rows) / max(1, len(seqs) * seq_len))
 
 
 def run_recipe(recipe, console=None):
@@ -114,6 +128,9 @@ def _train_and_score(trainer, recipe, data, tok, run_dir, ctx):
 
     trainer.setup()
     em_n = recipe.training.exact_match_examples if tok.format != "text" else 0
+    if em_n and ctx.world > 1 and trainer.plan.strategy.zero_stage == 3:
+        em_n = 0  # generation runs on rank 0 alone; ZeRO-3 would need every rank for each forward
+        log.warning("exact match skipped: not supported with ZeRO-3 across several ranks")
     em_before = _exact_match(trainer, data, recipe, em_n) if em_n and trainer.step == 0 and ctx.is_main else None
     result = trainer.train()
     if em_n and ctx.is_main and result.exit_code == 0:

@@ -1,0 +1,125 @@
+"""`unitrain select` on a real GSM8K slice: subset + report, determinism, every drop explained, the run's path."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from unitrain.cli import main
+from unitrain.recipe import recipe_to_yaml
+
+N_ROWS = 150  # real GSM8K training rows; planted below: one exact and one near duplicate of short rows
+FILTER_REASONS = {"missing_text", "invalid_utf8", "empty", "too_long", "truncated_answer"}
+DUP_REASONS = {"exact_duplicate", "near_duplicate", "embedding_duplicate"}
+
+
+@pytest.fixture
+def slice_recipe(tmp_path, tiny_recipe, shared_data):
+    """A recipe file on GSM8K rows 0..149 plus a copy of the shortest (case and spacing changed) and the
+    second shortest with one word added; a fixed 16-row eval file, so every training row reaches the selector.
+    -> (the two planted sources, make(**overrides) -> (Recipe, its yaml path))."""
+    rows = [json.loads(line) for line in (shared_data / "gsm8k" / "train.jsonl").open()][:N_ROWS]
+    a, b = sorted(rows, key=lambda r: len(r["question"] + r["answer"]))[:2]  # short: never too_long
+    copy = {"question": "  " + a["question"].upper(), "answer": a["answer"].replace(" ", "  ")}
+    near = {"question": b["question"], "answer": b["answer"].replace(" ", " so ", 1)}
+    train, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows + [copy, near]))
+    held.write_text("".join(line for _, line in zip(range(16), (shared_data / "gsm8k" / "test.jsonl").open())))
+
+    def make(**overrides):
+        recipe = tiny_recipe(**{"data.train": str(train), "data.eval": str(held), "data.max_examples": None,
+                                "data.max_length": 256, **overrides})
+        path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
+        path.write_text(recipe_to_yaml(recipe))
+        return recipe, path
+
+    return (a, b), make
+
+
+def _select(recipe_path, out, *args):
+    assert main(["select", str(recipe_path), "--out", str(out), *args]) == 0
+    subset = [json.loads(line) for line in out.open()]
+    return subset, json.loads(out.with_suffix(".report.json").read_text())
+
+
+def _explains_every_drop(subset: list[dict], report: dict) -> dict[int, dict]:
+    """Each of the n records is kept once or dropped once with a reason; the counts add up."""
+    kept = [r["index"] for r in subset]
+    dropped = {int(i): d for i, d in report["dropped"].items()}
+    assert len(set(kept)) == len(kept) == report["n_kept"]
+    assert not set(kept) & set(dropped)
+    assert set(kept) | set(dropped) == set(range(report["n_records"]))
+    assert dict(Counter(d["why"] for d in dropped.values())) == report["dropped_by_reason"]
+    assert report["tokens_kept"] == sum(r["n_tokens"] for r in subset)
+    for d in dropped.values():
+        assert d["why"] in FILTER_REASONS | DUP_REASONS | {"not_selected"}
+        if d["why"] in DUP_REASONS:  # names the clean copy it repeats (kept, or later not selected) and the similarity
+            assert d["of"] is not None and 0 < d["score"] <= 1
+            assert dropped.get(d["of"], {"why": "kept"})["why"] in ("kept", "not_selected")
+        if d["why"] == "too_long":  # the tokenizer cut it at max_length
+            assert d["score"] == 256
+    return dropped
+
+
+def test_budgeted_select_is_deterministic_and_explains_every_drop(slice_recipe, tmp_path, capsys):
+    _, make = slice_recipe
+    recipe, path = make()
+    a, rep_a = _select(path, tmp_path / "a.jsonl", "--budget", "8k tokens", "--encoder", "none")
+    out = capsys.readouterr().out
+    assert "select_clean_random" in out and str(tmp_path / "a.report.json") in out
+    b, rep_b = _select(path, tmp_path / "b.jsonl", "--budget", "8k tokens", "--encoder", "none")
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    for rep in (rep_a, rep_b):  # stage timings are measured, so they differ; everything else is identical
+        rep["details"].pop("seconds")
+    assert rep_a == rep_b
+    assert rep_a["n_records"] == N_ROWS + 2 and rep_a["policy"] == "select_clean_random"
+    assert rep_a["details"]["seed"] == recipe.training.seed and rep_a["epochs"] == 1.0
+    dropped = _explains_every_drop(a, rep_a)
+    why = Counter(d["why"] for d in dropped.values())
+    assert why["exact_duplicate"] == 1 and why["too_long"] >= 1 and why["not_selected"] > N_ROWS / 2
+    # 8k tokens = 7 steps of 4 × 256-token slots; the subset holds what those slots carry, no more.
+    assert 0.5 * 7 * 4 * 256 < rep_a["tokens_kept"] <= 7 * 4 * 256
+    other, rep_other = _select(path, tmp_path / "c.jsonl", "--budget", "8k tokens", "--encoder", "none",
+                               "training.seed=1")
+    assert rep_other["policy"] == "select_clean_random"
+    assert {r["index"] for r in other} != {r["index"] for r in a}  # the seed matters, it is not a constant
+
+
+def test_budget_beyond_the_data_keeps_all_clean_data_and_repeats_it(slice_recipe, tmp_path):
+    (a, b), make = slice_recipe
+    _, path = make()
+    subset, rep = _select(path, tmp_path / "all.jsonl", "--budget", "1M tokens", "--encoder", "none")
+    assert rep["policy"] == "keep_all_repeat" and 1 < rep["epochs"] <= 4
+    assert "data is scarce" in rep["reason"]
+    dropped = _explains_every_drop(subset, rep)
+    assert {d["why"] for d in dropped.values()} <= FILTER_REASONS | DUP_REASONS  # nothing clean is left out
+    by_index = {r["index"]: r for r in subset}
+    exact = [d for d in dropped.values() if d["why"] == "exact_duplicate"]
+    near = [d for d in dropped.values() if d["why"] == "near_duplicate"]
+    assert len(exact) == 1 and by_index[exact[0]["of"]]["prompt"] == a["question"]
+    assert len(near) == 1 and by_index[near[0]["of"]]["prompt"] == b["question"]
+    assert near[0]["on"] == "text" and 0.8 <= near[0]["score"] < 1
+
+
+def test_run_path_picks_the_cli_subset_and_it_fits_the_plan(slice_recipe, tmp_path):
+    """`unitrain run` (choose_subset) and `unitrain select` agree; unpacked sequences are mostly padding,
+    so the subset is sized by the real tokens the planned steps carry, not by their slots."""
+    from unitrain import model as M
+    from unitrain.data import pipeline
+    from unitrain.plan import make_plan
+    from unitrain.train.run import choose_subset
+
+    recipe, path = slice_recipe[1](**{"data.packing": False, "training.max_steps": 10})
+    subset, rep = _select(path, tmp_path / "s.jsonl")  # no --encoder: the recipe's (null), as `run` uses
+    assert rep["policy"] == "select_clean_random"
+    tokenizer = M.load_tokenizer(recipe.model, recipe.base_dir)
+    tok = pipeline.tokenize_data(recipe, tokenizer)
+    plan = make_plan(recipe, data_stats=pipeline.data_stats(tok, recipe, tokenizer.pad_token_id))
+    keep, info = choose_subset(tok, recipe, plan)
+    assert keep == [r["index"] for r in subset] and info["policy"] == rep["policy"]
+    # Unpacked, the 10 planned steps reach 40 examples. The budget is in real tokens, so a random draw of
+    # examples matches it to within an example or two; sized by slot tokens (10 × 4 × 256) it held ~55.
+    steps_hold = plan.max_steps * plan.global_batch_size
+    assert 0.85 * steps_hold <= len(keep) <= 1.1 * steps_hold
