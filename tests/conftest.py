@@ -28,6 +28,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def isolated_calibration(tmp_path, monkeypatch):
+    """Runs record measured/predicted factors that later plans use: keep each test's to itself."""
+    monkeypatch.setenv("UNITRAIN_CALIBRATION", str(tmp_path / "calibration.json"))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

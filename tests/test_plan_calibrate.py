@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from unitrain.plan import calibrate, make_plan
 from unitrain.recipe import validate
 from unitrain.resources import ResourceSpec, lookup_accelerator, parse_memory
@@ -79,3 +81,29 @@ def test_cpu_measurement_calibrates_to_one(tmp_path, monkeypatch):
     factors = calibrate.record_calibration(plan.calibration_key, calibrate.predicted_from_plan(plan), measured)
     assert set(factors) == {"weights", "gradients", "optimizer", "activations"}
     assert all(abs(f - 1) < 0.001 for f in factors.values()), factors
+
+
+def test_a_run_records_calibration_and_the_next_plan_uses_it(tiny_recipe, capsys):
+    """`unitrain calibrate` measures real steps; the factors land in the store and scale the next plan."""
+    import json
+
+    from unitrain.cli import main
+    from unitrain.plan import make_plan
+    from unitrain.recipe import recipe_to_yaml
+
+    r = tiny_recipe(**{"training.max_steps": 6})
+    before = make_plan(r)
+    path = r.run_dir.parent / "r.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(recipe_to_yaml(r))
+    assert main(["calibrate", str(path), "--steps", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "step_time" in out and "measured / predicted" in out
+    stored = json.loads((r.run_dir.parent / "tiny-calibrate" / "calibration.json").read_text())
+    assert stored["measured"]["step_time"] > 0
+    assert set(stored["factors"]) >= {"weights", "activations"}
+    assert stored["factors"]["weights"] == pytest.approx(1.0, abs=0.01)  # CPU accounting is exact
+    after = make_plan(r)
+    assert after.calibration  # the stored factors were applied
+    if "step_time" in stored["factors"]:  # kept when within [0.25, 4] of the prediction (a sane measurement)
+        assert after.step_time_s == pytest.approx(before.step_time_s * stored["factors"]["step_time"], rel=0.05)

@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--deepspeed-config", metavar="OUT.json", help="write the DeepSpeed config the plan implies")
     plan.add_argument("--scan-data", action="store_true", help="tokenize the data to plan epochs and subset size")
 
+    cal = sub.add_parser("calibrate", help="run a few real steps and store measured/predicted factors for later plans")
+    cal.add_argument("recipe")
+    cal.add_argument("overrides", nargs="*", metavar="key=value")
+    cal.add_argument("--steps", type=int, default=6, help="optimizer steps to measure (>= 4)")
+
     sel = sub.add_parser("select", help="score the data and write the subset the budget affords")
     sel.add_argument("recipe")
     sel.add_argument("overrides", nargs="*", metavar="key=value")
@@ -157,7 +162,27 @@ def cmd_select(args, console) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "select": cmd_select}
+def cmd_calibrate(args, console) -> int:
+    from unitrain.recipe import load_recipe
+    from unitrain.train.run import run_recipe
+
+    if args.steps < 4:
+        raise UnitrainError(f"--steps {args.steps}: calibration needs at least 4 steps (the first one warms up)")
+    base = load_recipe(args.recipe, list(args.overrides))
+    recipe = load_recipe(args.recipe, list(args.overrides) + [
+        f"name={base.name}-calibrate", f"training.max_steps={args.steps}", "training.eval_every=0",
+        "training.exact_match_examples=0", "output.save_every=0", "output.resume=never", "output.overwrite=true",
+        "stopping.enabled=false"])
+    result = run_recipe(recipe, console)
+    cal = json.loads((result.run_dir / "calibration.json").read_text())
+    for key, factor in sorted(cal["factors"].items()):
+        console.print(f"{key:12s} measured / predicted = {factor:.3f}", highlight=False)
+    console.print(f"stored under {cal['key']!r}; later plans for this hardware and model use these factors",
+                  highlight=False)
+    return result.exit_code
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "select": cmd_select, "calibrate": cmd_calibrate}
 
 
 def _quiet_libraries() -> None:

@@ -37,6 +37,7 @@ from unitrain.train.track import Tracker
 
 log = logging.getLogger("unitrain")
 SIGTERM_EXIT = 143  # 128 + SIGTERM: schedulers (Slurm, Kubernetes) read it as "preempted", not "done"
+CALIBRATION_STEPS = 4  # step time = median of steps 2..4 (step 1 pays warm-up and the memory measurement)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Trainer:
                          if self.device.type == "cuda" and s.dtype != "float32" else None)
         self.step, self.end_step, self.stop_reason = 0, p.max_steps, "completed"
         self.state = {"tokens": 0, "flops": 0.0, "wall": 0.0, "evals": []}
+        self.step_times: list[float] = []  # this process's step seconds, for calibration
         resume_from = ckpt.find_resume(self.run_dir / "checkpoints", self.recipe.output.resume)
         if resume_from is not None:
             saved = ckpt.load_checkpoint(resume_from, self.backend, self.ctx.rank)
@@ -144,6 +146,9 @@ class Trainer:
             tokens, padded = dist.all_sum(tokens, self.device), dist.all_sum(padded, self.device)
             dt = time.perf_counter() - t0
             flops = p.flops_per_token * padded
+            self.step_times.append(dt)
+            if len(self.step_times) == CALIBRATION_STEPS:
+                self._calibrate()
             self.state["tokens"] += tokens
             self.state["flops"] += flops
             self.state["wall"] += dt
@@ -235,6 +240,24 @@ class Trainer:
                          "plan_fingerprint": self._plan_fingerprint()}
         ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.backend, trainer_state,
                              self.recipe.output.keep_last, self.ctx.rank, dist.barrier)
+
+    def _calibrate(self) -> None:
+        """Measured beats modelled: store measured/predicted memory and step time for later plans."""
+        import statistics
+
+        from unitrain.plan import calibrate
+
+        if not self.ctx.is_main or not self.memcheck.measured:
+            return
+        measured = {k: v for k, v in self.memcheck.measured.items()
+                    if k in ("weights", "gradients", "optimizer", "activations")}
+        measured["step_time"] = statistics.median(self.step_times[1:])
+        if self.device.type == "cuda":
+            measured["peak"] = torch.cuda.max_memory_allocated()
+        predicted = calibrate.predicted_from_plan(self.plan)
+        factors = calibrate.record_calibration(self.plan.calibration_key, predicted, measured)
+        write_json(self.run_dir / "calibration.json", {"key": self.plan.calibration_key, "factors": factors,
+                                                       "predicted": predicted, "measured": measured})
 
     def _sigterm_agreed(self) -> bool:
         return dist.any_true(self._sigterm, self.device)
