@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run of the kernel checks on a CUDA machine (about 5 minutes on an H200):
 #   1. the `gpu`-marked kernel tests (bf16/fp16 against the torch references, patched tiny models),
-#   2. benchmarks/kernels.py at Llama-3-8B shapes and the ~1B training step.
+#   2. benchmarks/kernel_bench.py at Llama-3-8B shapes and the ~1B training step.
 # Works from a plain checkout (no `pip install -e .`): kernels/ is put on the path as unitrain_kernels.
 # Liger-Kernel columns need `liger_kernel` importable; on a machine without a registry, carry its wheel:
 #   pip download --no-deps liger-kernel==0.8.5 -d .whl   (then pass .whl in the run's `carry`)
@@ -26,6 +26,6 @@ $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 't
 status=0
 $PY -m pytest -q --noconftest -p no:cacheprovider -m gpu tests/test_kernels_ops.py tests/test_kernels_patch.py \
   || status=1
-$PY benchmarks/kernels.py "$@" || status=1
+$PY benchmarks/kernel_bench.py "$@" || status=1
 if [ -n "${OUT:-}" ]; then cp benchmarks/results/kernels_*.md "$OUT"/ 2>/dev/null || true; fi
 exit $status

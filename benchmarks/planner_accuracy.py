@@ -25,10 +25,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-# Running a script puts its folder first on sys.path; benchmarks/kernels.py would then shadow the `kernels`
-# package that bitsandbytes tries to import.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import torch
 
 from unitrain.plan.calibrate import measure_cpu_memory

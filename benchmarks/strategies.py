@@ -30,10 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# Running a script puts its folder first on sys.path; benchmarks/kernels.py would then shadow the `kernels`
-# package that bitsandbytes tries to import.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -108,7 +108,7 @@ def test_sigterm_on_one_rank_checkpoints_collectively_and_resume_continues(recip
     assert steps and steps[-1] < 8
     done = subprocess.run(_torchrun(f), env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"resumed from" in done.stdout
+    assert "resumed from" in done.stdout
     got, want = _losses(r.run_dir), _losses(ref.run_dir)
     assert list(got) == list(range(1, 9))
     for step in want:

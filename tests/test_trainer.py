@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -94,7 +93,6 @@ def test_sigterm_in_a_real_process_saves_and_exits_cleanly(tiny_recipe, tmp_path
 
 def test_export_reloads_with_identical_logits(tiny_recipe):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     r = tiny_recipe(**{"method.name": "lora", "training.max_steps": 3, "training.lr": 5e-2})
     res = run_recipe(r)

@@ -1,7 +1,7 @@
 """unitrain's Triton kernels against HF eager and Liger-Kernel, plus a ~1B Llama training step.
 
-    python benchmarks/kernels.py                 # CUDA: tables on stdout and benchmarks/results/kernels_<gpu>.md
-    python benchmarks/kernels.py --smoke         # CPU: the same code paths at tiny shapes, Triton interpreter
+    python benchmarks/kernel_bench.py                 # CUDA: tables on stdout and benchmarks/results/kernels_<gpu>.md
+    python benchmarks/kernel_bench.py --smoke         # CPU: the same code paths at tiny shapes, Triton interpreter
 
 Per kernel at Llama-3-8B shapes (h 4096, i 14336, 32/8 heads of 128, V 128256, 4 × 2048 tokens, bf16):
 forward, backward and forward+backward time (median of triton.testing.do_bench; backward = full −
@@ -368,8 +368,8 @@ def main():
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU and found none. "
-                 "Run `python benchmarks/kernels.py --smoke` to check its code paths on CPU.")
+        sys.exit("benchmarks/kernel_bench.py needs a CUDA GPU and found none. "
+                 "Run `python benchmarks/kernel_bench.py --smoke` to check its code paths on CPU.")
     import transformers
     import triton
 
@@ -385,7 +385,7 @@ def main():
     trows, tb, ts = run_training(torch, b, args, liger) if not args.skip_train else ([], 0, 0)
 
     md = [f"# unitrain kernels on {gpu}", "",
-          f"`python benchmarks/kernels.py{' --smoke' if args.smoke else ''}` — {versions}.", "",
+          f"`python benchmarks/kernel_bench.py{' --smoke' if args.smoke else ''}` — {versions}.", "",
           f"## Kernels at {'tiny smoke' if args.smoke else 'Llama-3-8B'} shapes ({shapes.batch} × {shapes.seq} "
           f"tokens, h {shapes.hidden}, i {shapes.intermediate}, {shapes.heads}/{shapes.kv_heads} heads × {shapes.head_dim}, V {shapes.vocab}, "
           f"{str(b.dtype).replace('torch.', '')})", "",
