@@ -143,12 +143,13 @@ class StoppingConfig:
     enabled: bool = _doc("Stop when the marginal gain per FLOP falls below the threshold.", default=True)
     loss_per_flop: Optional[float] = _doc("Exchange rate: stop when d(loss)/d(FLOP) is below this. "
                                           "Unset = derived from the budget.", default=None)
-    min_evals: int = _doc("No stop before this many evals.", default=4)
+    min_evals: int = _doc("No stop before this many evals (the rule also needs 8 evals after warmup, "
+                          "spanning 4× in steps).", default=4)
     patience: int = _doc("Stop after this many evals with rising eval loss.", default=3)
     min_budget_gain: float = _doc(
-        "Budget-derived threshold: stop when the whole budget, spent at the current marginal gain, would "
-        "lower the loss by less than this fraction of the predicted final loss (0.02 = 2%); on the fitted "
-        "curve the stop then costs at most ~0.37× this fraction of loss.", default=0.01)
+        "Budget-derived threshold: stop when the fitted learning curve predicts that training on to the end "
+        "of the budget would lower the loss by less than this fraction of the predicted final loss (0.01 = 1%; "
+        "both ends after their LR cooldown): the loss a stop may give up.", default=0.01)
     min_r2: float = _doc("No marginal-gain stop while the learning-curve fit's R² is below this.", default=0.9)
 
 
