@@ -30,7 +30,8 @@ def slice_recipe(tmp_path, tiny_recipe, shared_data):
 
     def make(**overrides):
         recipe = tiny_recipe(**{"data.train": str(train), "data.eval": str(held), "data.max_examples": None,
-                                "data.max_length": 256, **overrides})
+                                "data.max_length": 256, "data.select": True, "data.select_encoder": None,
+                                **overrides})
         path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
         path.write_text(recipe_to_yaml(recipe))
         return recipe, path
@@ -69,7 +70,7 @@ def test_budgeted_select_is_deterministic_and_explains_every_drop(slice_recipe, 
     a, rep_a = _select(path, tmp_path / "a.jsonl", "--budget", "8k tokens", "--encoder", "none")
     out = capsys.readouterr().out
     assert "select_clean_random" in out and str(tmp_path / "a.report.json") in out
-    b, rep_b = _select(path, tmp_path / "b.jsonl", "--budget", "8k tokens", "--encoder", "none")
+    _, rep_b = _select(path, tmp_path / "b.jsonl", "--budget", "8k tokens", "--encoder", "none")
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
     for rep in (rep_a, rep_b):  # stage timings are measured, so they differ; everything else is identical
         rep["details"].pop("seconds")
