@@ -1,10 +1,12 @@
 """unitrain's loop vs transformers' Trainer: same model, data, batch, steps and schedule, side by side on CPU.
 
-Both train the same packed GSM8K sequences (unitrain's tokenization) on SmolLM2-135M cut to its first
-layers (real weights, DESIGN.md's fast stand-in), with AdamW at a constant LR, micro-batch × accumulation
-identical, no eval and no checkpoints inside the timed region. Runs alternate (u, h, u, h, ...) so
-machine noise hits both; tokens/s is real (non-pad) tokens over the wall time of the training steps,
-and the table quotes medians.
+Both train the same packed GSM8K sequences (unitrain's tokenization), in the same order, on SmolLM2-135M
+cut to its first layers (real weights, DESIGN.md's fast stand-in), with AdamW at a constant LR,
+micro-batch × accumulation identical, no eval and no checkpoints inside the timed region. Runs
+alternate in ABBA order (u, h, h, u, ...) so machine noise hits both; tokens/s is real (non-pad)
+tokens over the summed wall time of the optimizer steps (HF: from on_step_begin to on_step_end,
+which leaves out its batch prefetch; unitrain's step time includes building its batches), and the
+table quotes medians.
 
     python benchmarks/trainer_vs_hf.py [--steps 20 --repeats 3 --layers 2 --method lora]
 """
@@ -86,17 +88,28 @@ def run_unitrain(recipe, tok, data, plan) -> dict:
 
 
 def run_hf(recipe, tok, data, plan, out: Path) -> dict:
+    import numpy as np
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    from unitrain.data.pack import BatchOrder
+
     seqs = data.train
+    t = recipe.training
+    # HF reads the sequences in unitrain's order (same batches, same micro-batch split), so the losses compare
+    order = BatchOrder(len(seqs), t.global_batch_size, t.seed)
+    sequence = np.concatenate([order.step_indices(s) for s in range(t.max_steps)])
 
     class DS(torch.utils.data.Dataset):
         def __len__(self):
-            return len(seqs)
+            return len(sequence)
 
         def __getitem__(self, i):
-            return {k: v[0] for k, v in seqs.batch([i]).items()}
+            return {k: v[0] for k, v in seqs.batch([sequence[i]]).items()}
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
 
     def collate(rows):  # same trimming as unitrain: pad to the longest real length in the micro-batch
         width = max(int(r["attention_mask"].sum()) for r in rows)
@@ -118,7 +131,6 @@ def run_hf(recipe, tok, data, plan, out: Path) -> dict:
             if logs and "loss" in logs:
                 self.losses.append(logs["loss"])
 
-    t = recipe.training
     args = TrainingArguments(
         output_dir=str(out / "hf"), per_device_train_batch_size=plan.strategy.micro_batch_size,
         gradient_accumulation_steps=plan.strategy.grad_accum, max_steps=t.max_steps, learning_rate=t.lr,
@@ -127,12 +139,11 @@ def run_hf(recipe, tok, data, plan, out: Path) -> dict:
         disable_tqdm=True, dataloader_num_workers=0, optim="adamw_torch")
     model = build_model(recipe, plan)
     timer = Timer()
-    trainer = Trainer(model=model, args=args, train_dataset=DS(), data_collator=collate, callbacks=[timer])
+    trainer = InOrder(model=model, args=args, train_dataset=DS(), data_collator=collate, callbacks=[timer])
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
-    # the same sequences per step on average; count real tokens the way unitrain does
-    tokens = int(seqs.lengths.mean() * t.global_batch_size * t.max_steps)
+    tokens = int(seqs.lengths[sequence].sum())  # real tokens, counted as unitrain counts them
     return {"tok_s": tokens / timer.step_s, "wall": wall, "final_loss": statistics.mean(timer.losses[-5:]), "tokens": tokens}
 
 
@@ -156,9 +167,11 @@ def main() -> int:
     recipe = make_recipe(tmp, args)
     tok, data, plan = prepare(recipe)
     results = {"unitrain": [], "hf": []}
-    for i in range(args.repeats):
-        results["unitrain"].append(run_unitrain(recipe, tok, data, plan))
-        results["hf"].append(run_hf(recipe, tok, data, plan, tmp))
+    for i in range(args.repeats):  # ABBA order: a machine whose load drifts favours neither side
+        runs = [("unitrain", lambda: run_unitrain(recipe, tok, data, plan)),
+                ("hf", lambda: run_hf(recipe, tok, data, plan, tmp))]
+        for name, fn in runs if i % 2 == 0 else runs[::-1]:
+            results[name].append(fn())
         print(f"repeat {i}: unitrain {results['unitrain'][-1]['tok_s']:.0f} tok/s, "
               f"HF {results['hf'][-1]['tok_s']:.0f} tok/s", file=sys.stderr)
     med = {k: statistics.median(r["tok_s"] for r in v) for k, v in results.items()}
@@ -168,7 +181,8 @@ def main() -> int:
         "",
         f"SmolLM2-135M first {args.layers} layers, {args.method}, GSM8K packed to {args.seq_len} tokens, "
         f"global batch {args.batch} (micro {plan.strategy.micro_batch_size} × accum {plan.strategy.grad_accum}), "
-        f"{args.steps} steps, AdamW constant LR; {args.repeats} alternating repeats, medians.",
+        f"{args.steps} steps, AdamW constant LR; {args.repeats} repeats in ABBA order, medians. Same sequences "
+        f"in the same order for both, so the losses must agree.",
         "",
         "| trainer | tokens/s (median) | all runs | loss, mean of last 5 steps (median) |",
         "|---|---:|---|---:|",

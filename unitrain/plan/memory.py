@@ -312,10 +312,7 @@ def estimate_memory(shape: ModelShape, st: Strategy, seq_len: int, world_size: i
     elif zs == 3:  # per sub-group (1e9 elements) the fp32 grad replaces the freed 16-bit one: net +2 B
         part = min(psi_t / N, DS_SUB_GROUP)
         add("step_temporaries", 2 * part, "2 B × min(Ψt / N, 1e9) (fp32 grad replaces 16-bit)", phase="step")
-    elif st.optimizer == "adamw":
-        largest = psi_t if not on_cpu else max(tensors, default=0)
-        add("step_temporaries", 4 * largest, "4 B × Ψt (AdamW foreach sqrt(v))" if not on_cpu
-            else "4 B × largest tensor (AdamW loop)", phase="step", elements=largest)
+    # zs == 0: unitrain's torch AdamW is fused (in-place per element, no tensor-sized temporaries).
     # Communication buffers.
     if zs == 0 and N > 1:
         add("comm_buffers", psi_t * g_bytes, f"{g_bytes} B × Ψt (DDP buckets)", psi_t=psi_t)

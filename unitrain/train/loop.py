@@ -113,8 +113,7 @@ class Trainer:
         p = self.plan
         t = self.recipe.training
         micro = p.strategy.micro_batch_size
-        model = self.model
-        model.train()
+        self.model.train()
         result = RunResult(self.run_dir, self.step, self.stop_reason)
         if self.state["evals"] and self.state["evals"][0][0] == 0:  # resumed: the step-0 eval is on record
             result.initial_eval_loss = self.state["evals"][0][1]
@@ -127,7 +126,10 @@ class Trainer:
                                                                                    self.ctx.world)]
             n_items = dist.all_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches), self.device)
             n_items = max(1, n_items)
-            loss_total, tokens, padded = 0.0, 0, 0
+            # token counts from the host copies: no device sync inside the step
+            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            padded = sum(b["input_ids"].numel() for b in batches)
+            loss_sum = torch.zeros((), device=self.device)
             for i, b in enumerate(batches):
                 b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
                 with self.backend.no_sync(i == len(batches) - 1), self.autocast or contextlib.nullcontext(), \
@@ -135,14 +137,13 @@ class Trainer:
                     out = self.backend.forward(**b, num_items_in_batch=torch.tensor(n_items, device=self.device))
                     loss = out.loss * self.ctx.world  # ranks' gradients are averaged; keep the global sum
                 self.backend.backward(loss)
-                loss_total += float(out.loss.detach())
-                tokens += int(b["attention_mask"].sum())
-                padded += b["input_ids"].numel()
+                loss_sum += out.loss.detach().float()
+                del out, loss  # the logits need not outlive their backward
             lr = self.backend.lr  # the LR this step's update uses
             self.memcheck.before_step(self.backend)
             grad_norm = self.backend.step()
             self.step += 1
-            loss_total = dist.all_sum(loss_total, self.device)
+            loss_total = dist.all_sum(float(loss_sum), self.device)  # one host sync per step
             tokens, padded = dist.all_sum(tokens, self.device), dist.all_sum(padded, self.device)
             dt = time.perf_counter() - t0
             flops = p.flops_per_token * padded
