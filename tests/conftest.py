@@ -87,3 +87,17 @@ def tiny_recipe(tmp_path, smollm2_dir, shared_data):
         return validate(data)
 
     return make
+
+
+def sigterm_after(monkeypatch, k: int) -> None:
+    """Deliver a SIGTERM-equivalent to the trainer after `k` optimizer steps, through its own handler path."""
+    from unitrain.train.loop import Trainer
+
+    original = Trainer._sigterm_agreed
+
+    def fake(trainer):
+        if trainer.step >= k:
+            trainer._sigterm = True
+        return original(trainer)
+
+    monkeypatch.setattr(Trainer, "_sigterm_agreed", fake)

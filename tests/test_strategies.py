@@ -18,8 +18,8 @@ import sys
 import pytest
 import torch
 
+from conftest import sigterm_after
 from unitrain.errors import MissingPackageError
-from unitrain.train.loop import Trainer
 from unitrain.train.run import run_recipe
 from unitrain.train.track import read_metrics
 
@@ -240,27 +240,13 @@ def _counted(fn, calls: list, i: int):
     return wrapper
 
 
-class _StopAfter:
-    """A SIGTERM-equivalent after k optimizer steps, through the trainer's own handler path."""
-
-    def __init__(self, monkeypatch, k):
-        original = Trainer._sigterm_agreed
-
-        def fake(trainer):
-            if trainer.step >= k:
-                trainer._sigterm = True
-            return original(trainer)
-
-        monkeypatch.setattr(Trainer, "_sigterm_agreed", fake)
-
-
 @pytest.mark.parametrize("method, stage", [("full", 2), pytest.param("lora", 3, marks=pytest.mark.slow)])
 def test_deepspeed_resume_reproduces_the_uninterrupted_losses(recipe, monkeypatch, method, stage):
     kw = {"method.name": method, "strategy.zero_stage": stage, "training.max_steps": 5, "training.eval_every": 0,
           "output.save_every": 0, "method.lora.dropout": 0.1}
     ref = run_recipe(recipe(name="ref", **kw))
     with monkeypatch.context() as m:
-        _StopAfter(m, 2)
+        sigterm_after(m, 2)
         cut = run_recipe(recipe(name="cut", **kw))
     assert cut.exit_code == 143 and cut.steps == 2
     ckpt = cut.run_dir / "checkpoints" / "step-2"

@@ -15,9 +15,10 @@ import torch
 
 from unitrain.errors import CheckpointError, UnitrainError
 from unitrain.train import checkpoint as ckpt
-from unitrain.train.loop import Trainer
 from unitrain.train.run import run_recipe
 from unitrain.train.track import read_metrics
+
+from conftest import sigterm_after
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,26 +42,12 @@ def test_tiny_full_run_learns_and_writes_the_run_directory(tiny_recipe):
     assert not list((run / "checkpoints").glob(".tmp-*"))
 
 
-class _StopAfter:
-    """Deliver a SIGTERM-equivalent to the trainer after `k` optimizer steps (same code path as the handler)."""
-
-    def __init__(self, monkeypatch, k):
-        original = Trainer._sigterm_agreed
-
-        def fake(trainer):
-            if trainer.step >= k:
-                trainer._sigterm = True
-            return original(trainer)
-
-        monkeypatch.setattr(Trainer, "_sigterm_agreed", fake)
-
-
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_resume_reproduces_the_uninterrupted_losses_exactly(tiny_recipe, monkeypatch, method):
     kw = {"method.name": method, "training.max_steps": 7, "output.save_every": 0, "method.lora.dropout": 0.1}
     ref = run_recipe(tiny_recipe(name="ref", **kw))
     with monkeypatch.context() as m:
-        _StopAfter(m, 3)
+        sigterm_after(m, 3)
         first = run_recipe(tiny_recipe(name="cut", **kw))
     assert first.exit_code == 143 and first.stop_reason == "sigterm" and first.steps == 3
     assert not (first.run_dir / "final").exists()
