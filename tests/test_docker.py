@@ -59,12 +59,17 @@ def test_dockerfile_lints_clean():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_kernels_install_under_their_own_import_name():
-    """kernels/ is `unitrain_kernels`; the bare name `kernels` is Hugging Face's kernel hub (DESIGN.md)."""
-    import importlib.util
+def test_kernels_install_under_their_own_import_name(tmp_path):
+    """kernels/ installs as `unitrain_kernels`; the bare name `kernels` is Hugging Face's kernel hub (DESIGN.md).
+    Checked from another folder: a checkout's root on sys.path (python -m pytest) exposes every folder in it."""
+    import os
+    import sys
 
-    import unitrain_kernels
-
-    assert Path(unitrain_kernels.__file__).resolve().parent == REPO / "kernels"
-    spec = importlib.util.find_spec("kernels")
-    assert spec is None or Path(spec.origin).resolve().parent != REPO / "kernels"
+    code = ("import importlib.util, unitrain_kernels; s = importlib.util.find_spec('kernels'); "
+            "print(unitrain_kernels.__file__); print(s.origin if s else None)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    ours, bare = out.stdout.split()
+    assert Path(ours).resolve().parent == REPO / "kernels"
+    assert bare == "None" or Path(bare).resolve().parent != REPO / "kernels"
