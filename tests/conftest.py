@@ -101,3 +101,12 @@ def sigterm_after(monkeypatch, k: int) -> None:
         return original(trainer)
 
     monkeypatch.setattr(Trainer, "_sigterm_agreed", fake)
+
+
+@pytest.fixture
+def triton_mode(request, monkeypatch):
+    """Kernel tests: the Triton interpreter on CPU; compiled kernels for `gpu`-marked tests."""
+    if request.node.get_closest_marker("gpu"):
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -21,13 +21,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 TOL = dict(rtol=1e-4, atol=1e-5)  # fp32: the kernels reorder sums, nothing more
 
 
-@pytest.fixture(autouse=True)
-def triton_mode(request, monkeypatch):
-    """Interpreter for CPU tests; compiled kernels for `gpu` tests."""
-    if request.node.get_closest_marker("gpu"):
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+pytestmark = pytest.mark.usefixtures("triton_mode")
 
 
 def grads(out, inputs, grad_out):

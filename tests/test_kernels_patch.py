@@ -26,13 +26,7 @@ TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atten
 FAMILIES = ["Llama", "Qwen2", "Mistral"]
 
 
-@pytest.fixture(autouse=True)
-def triton_mode(request, monkeypatch):
-    """Interpreter for CPU tests; compiled kernels for `gpu` tests."""
-    if request.node.get_closest_marker("gpu"):
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+pytestmark = pytest.mark.usefixtures("triton_mode")
 
 
 def tiny(family, **overrides):
