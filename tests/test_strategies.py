@@ -232,6 +232,24 @@ def test_qlora_trains_and_its_adapter_reloads_with_identical_outputs(recipe, mon
     assert not torch.allclose(logits, base)  # the adapter changes the outputs
 
 
+def test_qlora_adapter_init_does_not_depend_on_a_warm_model_cache(recipe, tmp_path, monkeypatch):
+    """A QLoRA run of a `config:` model first saves the fresh weights once (bitsandbytes quantizes only inside
+    from_pretrained). That write must not move the RNG the adapters are drawn from, or the same seed gives other
+    adapters, and another trajectory, on a machine whose cache is cold."""
+    import unitrain.model as M
+    from unitrain.plan.schema import Strategy
+
+    monkeypatch.setenv("UNITRAIN_CACHE", str(tmp_path / "cold-cache"))
+    r = recipe(**{"method.name": "qlora"})
+    adapters = []
+    for _ in ("cold", "warm"):
+        model = M.apply_method(M.load_model(r.model, Strategy(method="qlora"), seed=7), "qlora", r.method.lora, "off")
+        adapters.append({k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k})
+    assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+    for k in adapters[0]:
+        assert torch.equal(adapters[0][k], adapters[1][k]), k
+
+
 def _counted(fn, calls: list, i: int):
     def wrapper(*a, **k):
         calls[i] += 1

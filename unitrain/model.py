@@ -67,8 +67,9 @@ def _materialize_config_model(cfg, seed: int, base_dir: str | None) -> Path:
     out = _cache_root(cfg) / "models" / f"config-{key.hexdigest()[:16]}"
     if (out / "config.json").exists():
         return out
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    with torch.random.fork_rng():  # the caller's RNG stream (LoRA init, dropout) must not depend on a cache hit
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
