@@ -228,7 +228,7 @@ def spread(xs: list[float], pct: bool = True) -> str:
 
 
 def report(pairs: list[Pair], command: str, wall: float) -> str:
-    lines = [f"# Early stopping: budget governor vs full budget", "", f"Command: `{command}`", "",
+    lines = ["# Early stopping: budget governor vs full budget", "", f"Command: `{command}`", "",
              f"Total wall time {wall / 60:.1f} min (one CPU thread on a shared machine). See the module docstring of "
              f"benchmarks/early_stopping.py for the setup. saved = 1 − governor FLOPs / budget; saved/full = "
              f"1 − governor FLOPs / full run's FLOPs; Δloss = (governor − full) / full on held-out sequences the "

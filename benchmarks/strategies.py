@@ -8,7 +8,7 @@ Per row:
   gradient partitions and buckets, host buffers included for offload), optimizer state after the first step
   (+ ZeRO's fp32 master copy), and saved-for-backward activations of the first micro-batch;
 - predicted (MiB): the plan's components (make_plan), the same grouping (weights + adapters; gradients +
-  communication buckets; optimizer; activations + the loss's saved log-probs);
+  communication buckets + offload buffers; optimizer; activations + the loss's saved log-probs);
 - step time: median `step_s` of the steps after the first (the first one also measures memory);
 - final loss: the last step's training loss (full fine-tuning at lr 2e-3, adapters at lr 1e-2).
 On CPU "offload" moves nothing (host and device are the same memory): those rows check that the offload code
@@ -49,6 +49,7 @@ ROWS = [
     ("ZeRO-1", {"strategy.zero_stage": 1}),
     ("ZeRO-2", {"strategy.zero_stage": 2}),
     ("ZeRO-3", {"strategy.zero_stage": 3}),
+    ("ZeRO-2 + AdamW8bit", {"strategy.zero_stage": 2, "training.optimizer": "adamw8bit"}),
     ("ZeRO-2 + offload optimizer", {"strategy.zero_stage": 2, "strategy.offload_optimizer": True}),
     ("ZeRO-3 + offload optimizer + params", {"strategy.zero_stage": 3, "strategy.offload_optimizer": True,
                                              "strategy.offload_params": True}),

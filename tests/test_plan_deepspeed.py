@@ -56,3 +56,16 @@ def test_fp16_on_v100_and_cpu_torch_adam(tmp_path, monkeypatch):
     ccfg = deepspeed_config(cpu, r)
     assert not ccfg["bf16"]["enabled"] and ccfg["optimizer"]["params"].get("torch_adam") is True
     assert ccfg["zero_optimization"]["stage"] == 2
+
+
+def test_8bit_plan_leaves_the_optimizer_to_the_client(tmp_path, monkeypatch):
+    """DeepSpeed has no bitsandbytes optimizer type: the config names none, and allows the client optimizer."""
+    monkeypatch.setenv("UNITRAIN_CALIBRATION", str(tmp_path / "cal.json"))
+    r = validate({"model": {"name": "meta-llama/Llama-3.1-8B"}, "data": {"train": "org/ds", "max_length": 4096},
+                  "method": {"name": "full"}, "training": {"global_batch_size": 64, "optimizer": "adamw8bit"},
+                  "strategy": {"zero_stage": 2, "offload_optimizer": False}}, check_files=False)
+    a = lookup_accelerator("H100")
+    plan = make_plan(r, ResourceSpec(8, 1, a.memory, parse_memory("2TiB"), a.name, a.peak_flops, a.mfu))
+    assert (plan.strategy.optimizer, plan.strategy.zero_stage) == ("adamw8bit", 2)
+    cfg = deepspeed_config(plan, r)
+    assert "optimizer" not in cfg and cfg["zero_allow_untested_optimizer"] is True

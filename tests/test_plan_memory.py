@@ -7,7 +7,7 @@ import math
 import pytest
 
 from unitrain.plan.memory import (NF4_BYTES, nf4_bytes, LoraSpec, activation_bytes, estimate_memory, optimizer_state_bytes,
-                                  precision_for)
+                                  precision_for, trainable_tensors, zero_partitions)
 from unitrain.plan.schema import Strategy
 from unitrain.plan.shape import KNOWN_CONFIGS, shape_from_config
 
@@ -83,6 +83,41 @@ def test_eight_bit_optimizer_state_bytes():
     assert n == 2 * 10_000 + 2 * 4 * math.ceil(10_000 / 256) + 8 * 100 + 2 * 256 * 4
     n, _ = optimizer_state_bytes(shape, Strategy(optimizer="adamw"), [10_000], master=True)
     assert n == 12 * 10_000
+
+
+def test_eight_bit_states_over_zero_partitions():
+    """ZeRO hands bitsandbytes one flat fp32 partition per param group (matrices decay, vectors do not)."""
+    shape = shape_from_config(TINY)  # 2 layers, h=64, tied embeddings: vectors are 2×2 norms + the final norm
+    psi_t = sum(trainable_tensors(shape, "full", LoraSpec()))
+    vectors = 2 * 2 * 64 + 64
+    assert zero_partitions(shape, "full", LoraSpec(), 2, 2) == [math.ceil((psi_t - vectors) / 2), vectors // 2]
+    lora = sum(trainable_tensors(shape, "lora", LoraSpec()))
+    assert zero_partitions(shape, "lora", LoraSpec(), 4, 3) == [math.ceil(lora / 4)]  # LoRA: matrices only
+    big = shape_from_config(KNOWN_CONFIGS["meta-llama/Llama-3.1-8B"])
+    parts = zero_partitions(big, "full", LoraSpec(), 2, 3)  # ZeRO-3: sub-groups of at most 1e9 elements
+    assert max(parts) == 1_000_000_000 and sum(parts) == pytest.approx(big.total_params / 2, abs=2)
+    st = Strategy(method="full", zero_stage=2, optimizer="adamw8bit")
+    opt = comps(estimate_memory(shape, st, 64, 2, 2, on_cpu=True))["optimizer"]
+    m, v = math.ceil((psi_t - vectors) / 2), vectors // 2  # v = 160 < 4096: fp32 moments
+    assert opt.bytes == 4 * (m + v) + 2 * m + 2 * 4 * math.ceil(m / 256) + 8 * v + 2 * 256 * 4
+    adamw = comps(estimate_memory(shape, Strategy(method="full", zero_stage=2), 64, 2, 2, on_cpu=True))["optimizer"]
+    assert opt.bytes < 0.55 * adamw.bytes  # ~6 B instead of 12 B per trainable parameter and rank
+
+
+def test_zero2_offload_host_buffers():
+    """DeepSpeed stage_1_and_2 with cpu_offload keeps a 16-bit host copy of the partition, 16-bit host gradient
+    accumulators when accumulating, and a staging buffer of the largest trainable tensor on host and device."""
+    shape = shape_from_config(KNOWN_CONFIGS["meta-llama/Llama-3.1-8B"])
+    psi, largest = shape.total_params, shape.vocab_size * shape.hidden_size  # untied: embedding = lm_head size
+    for accum, copies in ((1, 1), (4, 2)):
+        st = Strategy(method="full", zero_stage=2, offload_optimizer=True, dtype="bfloat16", grad_accum=accum)
+        c = comps(estimate_memory(shape, st, 1024, 8, 8, on_cpu=False))
+        assert c["offload_buffers"].device == "cpu" and c["offload_staging"].device == "gpu"
+        assert c["offload_buffers"].bytes == int(2 * (copies * psi / 8 + largest))
+        assert c["offload_staging"].bytes == 2 * largest
+    z3 = comps(estimate_memory(shape, Strategy(method="full", zero_stage=3, offload_optimizer=True,
+                                               dtype="bfloat16"), 1024, 8, 8, on_cpu=False))
+    assert "offload_buffers" not in z3  # stage 3 offloads through its own sub-group buffers
 
 
 def test_qlora_weights_are_nf4_plus_fp32_rest():

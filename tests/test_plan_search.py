@@ -79,6 +79,20 @@ def test_explicit_choices_are_kept():
     assert s.zero_stage == 2 and s.method == "full"
 
 
+def test_zero_with_8bit_adam_when_memory_is_tight():
+    """8×24 GiB, no host room to offload: 8-bit states over ZeRO-3 partitions leave room for a larger micro-batch."""
+    tight = spec(8, "24GiB", "A10G", cpu="32GiB")
+    auto = make_plan(recipe(method="full", gbs=32), tight)
+    fp32 = make_plan(recipe(method="full", gbs=32, training__optimizer="adamw"), tight)
+    assert (auto.strategy.zero_stage, auto.strategy.optimizer, auto.strategy.offload_optimizer) == (3, "adamw8bit", False)
+    assert fp32.strategy.optimizer == "adamw" and fp32.strategy.micro_batch_size < auto.strategy.micro_batch_size
+    assert auto.tokens_per_step / auto.step_time_s > fp32.tokens_per_step / fp32.step_time_s
+    roomy = make_plan(recipe(method="full", gbs=32), spec(8, "80GiB", "H100", cpu="2TiB"))
+    assert roomy.strategy.optimizer == "adamw"  # equally fast: the simpler optimizer wins the tie
+    with pytest.raises(PlanError, match="offload_optimizer"):
+        make_plan(recipe(method="full", training__optimizer="adamw8bit", strategy__offload_optimizer=True), tight)
+
+
 def test_method_list_is_an_ordered_preference():
     r = recipe("meta-llama/Llama-3.2-1B", ["full", "lora"], seq=1024)
     assert make_plan(r, spec(1, "80GiB", "H100")).strategy.method == "full"
@@ -151,6 +165,30 @@ def test_length_rules():
     assert p.max_steps == 4 * 1000 // 16 and any("4 epochs" in n for n in p.notes)
     p = make_plan(recipe(gbs=16, seq=1024), spec(budget="1e16"), data_stats=data)
     assert p.data["policy"] == "select" and p.data["fraction"] < 1
+
+
+def test_budget_length_reserves_the_evals():
+    """Evals (a forward over the eval split at step 0, every eval_every steps and at the end) come out of a FLOP or
+    GPU-hour budget: the planned steps plus their evals fit it, one more step would not."""
+    r = recipe(gbs=16, seq=1024, training__eval_every=10)
+    data = DataStats(n_examples=90_000, total_tokens=90_000_000, n_sequences=100_000, seq_len=1024,
+                     eval_tokens=400_000)
+    bare = make_plan(r, spec(budget="1e17"), data_stats=DataStats(**{**data.__dict__, "eval_tokens": 0}))
+    p = make_plan(r, spec(budget="1e17"), data_stats=data)
+    per_eval = p.flops_per_token / 3 * 400_000
+
+    def cost(n):
+        return n * p.flops_per_step + (2 + (n - 1) // 10) * per_eval
+    assert cost(p.max_steps) <= 1e17 < cost(p.max_steps + 1)
+    assert p.max_steps < bare.max_steps == int(1e17 // p.flops_per_step)
+    assert any("− evals" in n for n in p.notes)
+    hours = make_plan(r, spec(budget="2h"), data_stats=data)
+    assert hours.max_steps < int(2 * 3600 / hours.step_time_s)
+    tokens = make_plan(r, spec(budget="10M tokens"), data_stats=data)  # a token budget counts training tokens
+    assert tokens.max_steps == 10_000_000 // (16 * 1024)
+    capped = make_plan(recipe(gbs=16, seq=1024, training__eval_every=10, training__eval_max_batches=1),
+                       spec(budget="1e17"), data_stats=data)
+    assert p.max_steps < capped.max_steps <= bare.max_steps
 
 
 def test_budget_too_small_for_one_step():

@@ -1,5 +1,9 @@
-"""The README stays true: every recipe key is documented, and its setup matches what CI installs."""
+"""The README stays true: every recipe key is documented, its setup matches what CI installs, and the plan it
+shows is what `unitrain plan` prints today."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from unitrain.recipe import field_docs
@@ -19,3 +23,15 @@ def test_setup_commands_match_ci():
         assert step.split()[-1] in ci and step in README, step
     assert "unitrain run recipes/quickstart.yaml" in README
     assert "pytest" in README and "python -m pytest" in ci
+
+
+def test_the_shown_plan_is_current(tmp_path):
+    cmd = "$ COLUMNS=110 unitrain plan recipes/plan-llama8b-lora-24g.yaml\n"
+    shown = README[README.index(cmd) + len(cmd):]
+    shown = shown[:shown.index("\n(wall time")].splitlines()
+    env = dict(os.environ, COLUMNS="110", UNITRAIN_CALIBRATION=str(tmp_path / "none.json"))
+    res = subprocess.run([sys.executable, "-m", "unitrain", "plan", "recipes/plan-llama8b-lora-24g.yaml"], cwd=REPO,
+                         env=env, capture_output=True, text=True, check=True)
+    now = res.stdout.rstrip().splitlines()
+    assert [x.rstrip() for x in shown] == [x.rstrip() for x in now], "rerun python benchmarks/plan_examples.py " \
+        "and paste its first plan into README.md"

@@ -104,6 +104,8 @@ def test_zero_reproduces_the_torch_trajectory_and_exports(recipe, method, strate
     assert m["weights"] == pytest.approx(p["weights"], rel=0.01)
     assert m["activations"] == pytest.approx(p["activations"], abs=64)  # 0-dim scalars (loss normaliser) aside
     assert m["optimizer"] <= p["optimizer"] * 1.01
+    # ZeRO's gradient partitions and, offloaded, its host buffers; predicted buckets stay unallocated in one process
+    assert m["gradients"] <= p["gradients"] * 1.01
     first = next(r for r in read_metrics(res.run_dir) if r.get("step") == 1 and "loss" in r)
     assert first["mem_measured_mib"] > 0 and first["mem_predicted_mib"] > 0
 
@@ -111,12 +113,9 @@ def test_zero_reproduces_the_torch_trajectory_and_exports(recipe, method, strate
 @pytest.mark.parametrize("optimizer, zero", [("adamw8bit", 0), ("adamw8bit", 2),
                                              pytest.param("paged_adamw8bit", 0, marks=pytest.mark.slow),
                                              pytest.param("paged_adamw8bit", 3, marks=pytest.mark.slow)])
-def test_8bit_optimizers_train_on_both_paths(recipe, monkeypatch, optimizer, zero):
-    if zero:  # the planner keeps ZeRO with its fp32 AdamW; the engine itself runs bitsandbytes optimizers too
-        _force_strategy(monkeypatch, optimizer=optimizer)
-        res = run_recipe(recipe(**{"strategy.zero_stage": zero}, **FAST))
-    else:
-        res = run_recipe(recipe(**{"training.optimizer": optimizer}, **FAST))
+def test_8bit_optimizers_train_on_both_paths(recipe, optimizer, zero):
+    res = run_recipe(recipe(**{"training.optimizer": optimizer, "strategy.zero_stage": zero}, **FAST))
+    assert json.loads((res.run_dir / "plan.json").read_text())["strategy"]["optimizer"] == optimizer
     losses = _losses(res.run_dir)
     assert losses[-1] < losses[0] - 0.3
     check = json.loads((res.run_dir / "memory_check.json").read_text())
@@ -124,7 +123,9 @@ def test_8bit_optimizers_train_on_both_paths(recipe, monkeypatch, optimizer, zer
     master = 4 * params if zero else 0  # ZeRO keeps an fp32 master copy beside the optimizer state
     state = check["measured"]["optimizer"] - master
     assert 0 < state < 8 * params / 3.5  # 8-bit moments: ~2 B/param instead of AdamW's 8 B/param
-    if not zero:
+    if zero:  # over ZeRO's flat partitions (padded to an alignment, hence not byte-exact)
+        assert check["measured"]["optimizer"] == pytest.approx(check["predicted"]["optimizer"], rel=0.005)
+    else:
         assert check["measured"]["optimizer"] == check["predicted"]["optimizer"]
 
 

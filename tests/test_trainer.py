@@ -154,3 +154,27 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_recipe):
     la, lb = _losses(a.run_dir), _losses(b.run_dir)
     for step in la:
         assert la[step] == pytest.approx(lb[step], rel=1e-4)
+
+
+@pytest.mark.parametrize("world, max_batches", [(1, None), (2, None), (3, None), (2, 3)])
+def test_eval_cost_is_the_tokens_the_model_forwards(world, max_batches):
+    """The governor charges an eval by forwarded_tokens: every batch trimmed to its longest sequence, and the
+    padding forwards that keep ranks in step, summed over ranks — exactly what the model sees."""
+    from unitrain.data.pack import _to_arrays
+    from unitrain.train.evaluate import eval_loss, forwarded_tokens
+
+    lengths = [5, 9, 3, 12, 7, 2, 11]
+    seqs = _to_arrays([(list(range(1, n + 1)), list(range(1, n + 1))) for n in lengths], 16, 0)
+
+    class Counting(torch.nn.Module):
+        seen = 0
+        device = torch.device("cpu")
+
+        def forward(self, input_ids, labels, attention_mask, num_items_in_batch):
+            Counting.seen += input_ids.numel()
+            return type("Out", (), {"loss": torch.tensor(1.0)})
+
+    for rank in range(world):
+        eval_loss(Counting(), seqs, 2, max_batches, rank=rank, world=world)
+    assert Counting.seen == forwarded_tokens(seqs, 2, max_batches, world)
+    assert forwarded_tokens(seqs, 2, None, 1) == 2 * 9 + 2 * 12 + 2 * 7 + 11

@@ -147,7 +147,8 @@ def deepspeed_config(plan, recipe) -> dict:
     Batch: train_batch_size = micro × accumulation × ranks. Precision: bf16/fp16 by plan.strategy.dtype
     (fp32 master weights live in the ZeRO optimizer). Buckets: h² elements (HF/Accelerate's 'auto' rule),
     which memory.ds_bucket_elements counts as communication buffers. The optimizer is DeepSpeed's AdamW
-    (FusedAdam on CUDA, CPUAdam when offloaded; torch's AdamW on a CPU-only machine, which needs no C++ build).
+    (FusedAdam on CUDA, CPUAdam when offloaded; torch's AdamW on a CPU-only machine, which needs no C++ build),
+    or, for an 8-bit plan, none: the bitsandbytes optimizer is passed to deepspeed.initialize as a client optimizer.
     """
     s, t = plan.strategy, recipe.training
     h = int((plan.model or {}).get("hidden_size") or 0)
@@ -179,4 +180,7 @@ def deepspeed_config(plan, recipe) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if s.optimizer != "adamw":  # DeepSpeed has no bitsandbytes type: pass bnb.optim.AdamW8bit to initialize()
+        del cfg["optimizer"]
+        cfg["zero_allow_untested_optimizer"] = True
     return cfg

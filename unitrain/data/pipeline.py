@@ -34,7 +34,8 @@ def data_stats(tok: TokenizedData, recipe, pad_id: int) -> DataStats:
     seqs = pack(tok.train, tok.format, d.max_length, pad_id, d.packing)
     return DataStats(n_examples=len(tok.train), total_tokens=sum(r["n_tokens"] for r in tok.train),
                      n_sequences=len(seqs), seq_len=d.max_length,
-                     supervised_tokens=sum(r["n_loss_tokens"] for r in tok.train))
+                     supervised_tokens=sum(r["n_loss_tokens"] for r in tok.train),
+                     eval_tokens=sum(r["n_tokens"] for r in tok.eval))
 
 
 def finalize(tok: TokenizedData, recipe, pad_id: int, keep: list[int] | None = None,
@@ -46,6 +47,7 @@ def finalize(tok: TokenizedData, recipe, pad_id: int, keep: list[int] | None = N
     ev = pack(tok.eval, tok.format, d.max_length, pad_id, d.packing) if tok.eval else None
     stats = DataStats(n_examples=len(train_rows), total_tokens=sum(r["n_tokens"] for r in train_rows),
                       n_sequences=len(train), seq_len=d.max_length,
-                      supervised_tokens=sum(r["n_loss_tokens"] for r in train_rows))
+                      supervised_tokens=sum(r["n_loss_tokens"] for r in train_rows),
+                      eval_tokens=ev.n_tokens if ev is not None else 0)
     return PreparedData(train, ev if ev is not None and len(ev) else None, tok.eval_examples, tok.format, stats,
                         tok.skipped, subset or {})

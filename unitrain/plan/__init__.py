@@ -33,18 +33,40 @@ def _length(recipe, spec, best: Candidate, data: DataStats | None, seq_len: int,
     elif spec.budget is not None:
         b = spec.budget
         if b.kind == "flops":
-            steps, unit = b.value / flops_step, f"{flops_step:.3g} FLOPs"
+            per_step, unit = flops_step, f"{flops_step:.3g} FLOPs"
         elif b.kind == "gpu_hours":
-            gpu_h = best.time.total * spec.world_size / 3600
-            steps, unit = b.value / gpu_h, f"{gpu_h:.3g} GPU-hours"
-        else:
-            steps, unit = b.value / (G * seq_len), f"{G * seq_len} tokens"
+            per_step = best.time.total * spec.world_size / 3600
+            unit = f"{per_step:.3g} GPU-hours"
+        else:  # a token budget counts training tokens only
+            per_step, unit = G * seq_len, f"{G * seq_len} tokens"
+        # One eval forwards the eval split once: 1/3 of a training step's cost per token (no backward), charged
+        # at step 0, every eval_every steps and at the end, as the governor charges it.
+        eval_tokens = data.eval_tokens if data is not None and b.kind != "tokens" else 0
+        if eval_tokens and t.eval_max_batches:
+            eval_tokens = min(eval_tokens, t.eval_max_batches * best.strategy.micro_batch_size * spec.world_size
+                              * seq_len)
+        per_eval = per_step * eval_tokens / (3 * G * seq_len)
+
+        def cost(n: int) -> float:
+            evals = 2 + (n - 1) // t.eval_every if t.eval_every else 2
+            return n * per_step + evals * per_eval
+
+        steps = max(0, int((b.value - 2 * per_eval) / (per_step + (per_eval / t.eval_every if t.eval_every else 0))))
+        while steps > 0 and cost(steps) > b.value:
+            steps -= 1
+        while cost(steps + 1) <= b.value:
+            steps += 1
         if steps < 1:
-            raise PlanError(f"resources.budget={b} is too small for a single optimizer step, which costs {unit} "
-                            f"(global batch {G} × {seq_len} tokens); raise the budget, e.g. resources.budget="
+            evals = f" plus two evals of {per_eval:.3g} each" if per_eval else ""
+            raise PlanError(f"resources.budget={b} is too small for a single optimizer step, which costs {unit}"
+                            f"{evals} (global batch {G} × {seq_len} tokens); raise the budget, e.g. resources.budget="
                             f"{_budget_example(b.kind, unit)}, or lower training.global_batch_size")
-        steps = int(steps)
-        notes.append(f"length: budget {b} / {unit} per step = {steps} steps")
+        if per_eval:
+            spent = cost(steps) - steps * per_step
+            notes.append(f"length: budget {b} − evals {spent:.3g} ({spent / b.value:.1%}; "
+                         f"{eval_tokens} tokens each, a forward only) / {unit} per step = {steps} steps")
+        else:
+            notes.append(f"length: budget {b} / {unit} per step = {steps} steps")
         if data is not None and data.n_sequences:
             cap = max(1, math.floor(EPOCH_CAP * data.n_sequences / G))
             if steps > cap:

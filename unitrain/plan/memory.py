@@ -189,12 +189,37 @@ def optimizer_state_bytes(shape: ModelShape, st: Strategy, trainable: list[int],
     if st.optimizer == "adamw":
         per = 12 if master else 8
         return per * n, f"{per} B × Ψt (" + ("master, " if master else "") + "m, v fp32)"
-    small = sum(t for t in trainable if t < BNB_MIN_8BIT)
-    big = n - small
-    blocks = sum(math.ceil(t / BNB_BLOCK) for t in trainable if t >= BNB_MIN_8BIT)
-    qmaps = 2 * 256 * 4 if big else 0  # the two shared 256-entry fp32 quantization maps (signed, unsigned)
-    return 2 * big + 8 * blocks + 8 * small + qmaps, \
-        "2 B × Ψt (8-bit m, v) + absmax/256 + fp32 small tensors"
+    return eight_bit_state_bytes(trainable), "2 B × Ψt (8-bit m, v) + absmax/256 + fp32 small tensors"
+
+
+def eight_bit_state_bytes(tensors: list[int]) -> int:
+    """bitsandbytes 8-bit Adam state over tensors of these element counts: two uint8 moments and one fp32 absmax
+    per 256-value block each; tensors under 4096 elements keep fp32 moments; two shared 256-entry fp32 maps."""
+    small = sum(t for t in tensors if t < BNB_MIN_8BIT)
+    big = sum(tensors) - small
+    blocks = sum(math.ceil(t / BNB_BLOCK) for t in tensors if t >= BNB_MIN_8BIT)
+    qmaps = 2 * 256 * 4 if big else 0
+    return 2 * big + 8 * blocks + 8 * small + qmaps
+
+
+def zero_partitions(shape: ModelShape, method: str, lora: LoraSpec, N: int, zero_stage: int) -> list[int]:
+    """The tensors a ZeRO-wrapped optimizer holds state for on one rank: per param group (decay = matrices,
+    no-decay = vectors; strategy.param_groups) one flat fp32 partition of ⌈Ψ_group / N⌉ elements; ZeRO-3 further
+    splits it into sub-groups of at most sub_group_size (1e9) elements."""
+    vectors = 0
+    if method == "full":
+        per_layer = sum(lin.d_out for lin in shape.linears if lin.bias) + shape.hidden_size * shape.norms_per_layer
+        vectors = shape.num_layers * (per_layer + (2 * shape.head_dim if shape.qk_norm else 0)) + \
+            shape.final_norm_params
+    matrices = sum(trainable_tensors(shape, method, lora)) - vectors
+    parts = []
+    for group in (matrices, vectors):
+        left = math.ceil(group / N)
+        while left > 0:
+            chunk = min(left, DS_SUB_GROUP) if zero_stage == 3 else left
+            parts.append(chunk)
+            left -= chunk
+    return parts
 
 
 def trainable_tensors(shape: ModelShape, method: str, lora: LoraSpec) -> list[int]:
@@ -300,10 +325,27 @@ def estimate_memory(shape: ModelShape, st: Strategy, seq_len: int, world_size: i
         add("gradients", psi_t * g_bytes / n_g, f"{g_bytes} B × Ψt" + (" / N" if n_g > 1 else ""),
             psi_t=psi_t, N=n_g)
     # Optimizer states.
-    opt, formula = optimizer_state_bytes(shape, st, tensors, master=zs > 0)
-    n_o = N if zs > 0 else 1
-    add("optimizer", opt / n_o, formula + (" / N" if n_o > 1 else ""),
-        "cpu" if offload_opt else "gpu", psi_t=psi_t, N=n_o, optimizer=st.optimizer)
+    if zs > 0 and st.optimizer != "adamw":  # bitsandbytes over ZeRO's flat fp32 partitions (one per param group)
+        parts = zero_partitions(shape, st.method, lora, N, zs)
+        add("optimizer", 4 * sum(parts) + eight_bit_state_bytes(parts),
+            "4 B × Ψt / N (fp32 master) + 2 B × Ψt / N (8-bit m, v over flat partitions) + absmax/256",
+            "cpu" if offload_opt else "gpu", psi_t=psi_t, N=N, optimizer=st.optimizer, partitions=parts)
+    else:
+        opt, formula = optimizer_state_bytes(shape, st, tensors, master=zs > 0)
+        n_o = N if zs > 0 else 1
+        add("optimizer", opt / n_o, formula + (" / N" if n_o > 1 else ""),
+            "cpu" if offload_opt else "gpu", psi_t=psi_t, N=n_o, optimizer=st.optimizer)
+    if offload_opt and zs in (1, 2):
+        # DeepSpeed stage_1_and_2 with cpu_offload (all sizes in the trainable dtype): a host copy of the partition
+        # to send the updated weights back, per-parameter host gradient accumulators when accumulating, and one
+        # staging buffer of the largest trainable tensor on each side of the device-to-host gradient copy.
+        tb, largest = (p.param if st.method == "full" else p.adapter_param), max(tensors)
+        accum = 2 if st.grad_accum > 1 else 1
+        add("offload_buffers", tb * (accum * psi_t / N + largest),
+            f"{tb} B × ({'2 × ' if accum > 1 else ''}Ψt / N + largest tensor) (host param copy"
+            + (", grad accumulators" if accum > 1 else "") + ", staging)", "cpu", psi_t=psi_t, N=N, largest=largest)
+        add("offload_staging", tb * largest, f"{tb} B × largest trainable tensor (gradient staging)",
+            largest=largest)
     # Optimizer-step temporaries (activations are gone by then). Offloaded: gradients land in the fp32 CPU buffer.
     if offload_opt:
         pass

@@ -22,6 +22,7 @@ class DataStats:
     n_sequences: int  # sequences of length seq_len after packing (or examples when not packed)
     seq_len: int
     supervised_tokens: int = 0  # tokens that carry loss
+    eval_tokens: int = 0  # real tokens one evaluation forwards (the eval split; padding inside batches aside)
 
 
 @dataclass

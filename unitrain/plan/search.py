@@ -135,11 +135,10 @@ def enumerate_strategies(recipe, spec, shape: ModelShape, refusals: list[str]) -
         optimizers = [t.optimizer]
         if t.optimizer != "adamw" and not have_bnb:
             raise MissingPackageError("bitsandbytes", f"training.optimizer={t.optimizer}", "bnb")
-        if t.optimizer != "adamw" and not _auto(sc.zero_stage) and int(sc.zero_stage) > 0:
-            raise PlanError(f"training.optimizer={t.optimizer} is not combined with DeepSpeed ZeRO-{sc.zero_stage} by "
-                            f"unitrain: ZeRO keeps its own fp32 master partitions and the memory model for 8-bit "
-                            f"states over them is not validated yet; use training.optimizer=adamw or "
-                            f"strategy.zero_stage=0")
+        if t.optimizer != "adamw" and sc.offload_optimizer is True:
+            raise PlanError(f"training.optimizer={t.optimizer} cannot run with strategy.offload_optimizer=true: "
+                            f"ZeRO-Offload steps on the CPU with DeepSpeed's CPU Adam, and bitsandbytes 8-bit states "
+                            f"live on the GPU; use training.optimizer=adamw or strategy.offload_optimizer=false")
     methods = recipe.methods
     if "qlora" in methods and not have_bnb:
         if len(methods) == 1:
@@ -189,7 +188,7 @@ def enumerate_strategies(recipe, spec, shape: ModelShape, refusals: list[str]) -
                     if op and not oo:  # ZeRO-Infinity: parameter offload goes with optimizer offload
                         continue
                     for opt in optimizers:
-                        if opt != "adamw" and zs > 0:
+                        if opt != "adamw" and oo:  # offload steps with DeepSpeed's CPU Adam, not bitsandbytes
                             continue
                         for ck in ckpts:
                             for mb in micros:

@@ -39,6 +39,17 @@ def eval_loss(model, sequences, batch_size: int, max_batches: int | None = None,
     return total, count
 
 
+def forwarded_tokens(sequences, batch_size: int, max_batches: int | None = None, world: int = 1) -> int:
+    """Tokens one eval_loss call forwards over all ranks (batches trimmed to their longest sequence, plus the
+    padding forwards that keep ranks in step): what the evaluation costs, loss-carrying or not."""
+    n = len(sequences)
+    starts = list(range(0, n, batch_size))[: max_batches or None]
+    cost = [max(1, int(sequences.lengths[s: s + batch_size].max())) * len(sequences.lengths[s: s + batch_size])
+            for s in starts]
+    rounds = -(-len(starts) // world)
+    return sum(cost) + (rounds * world - len(starts)) * cost[0] if starts else 0
+
+
 def normalize_answer(text: str) -> str:
     """Final answer for comparison: after '####' if present, else the whole text; spaces and case folded."""
     if "####" in text:

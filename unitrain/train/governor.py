@@ -443,7 +443,7 @@ class Governor:
         used_flops = self.train_flops + self.eval_flops
         report = {
             "budget": asdict(self.budget) if self.budget else None,
-            "used": {"flops": used_flops, "tokens": self.tokens, "gpu_hours": self.progress()["gpu_hours_used"],
+            "used": {"flops": used_flops, "eval_flops": self.eval_flops, "tokens": self.tokens, "gpu_hours": self.progress()["gpu_hours_used"],
                      "wall_s": self.train_s + self.eval_s, "steps": self.steps},
             "fraction_of_budget": self.progress()["fraction_of_budget"],
             "planned_steps": self.plan.max_steps, "final_step": final_step,

@@ -30,7 +30,7 @@ from unitrain.data.tokenize import IGNORE
 from unitrain.errors import CheckpointError, UnitrainError
 from unitrain.plan.schema import Plan
 from unitrain.train import checkpoint as ckpt
-from unitrain.train.evaluate import eval_loss, exact_match
+from unitrain.train.evaluate import eval_loss, exact_match, forwarded_tokens
 from unitrain.train.memory_check import MemoryCheck
 from unitrain.train.schedule import Schedule
 from unitrain.train.track import Tracker
@@ -227,7 +227,9 @@ class Trainer:
         total, count = dist.all_sum(total, self.device), dist.all_sum(count, self.device)
         loss = total / count if count else float("nan")
         dt = time.perf_counter() - t0
-        self.governor.account_eval(self.plan.flops_per_token / 3 * count, dt)  # a forward is 1/3 of training
+        forwarded = forwarded_tokens(self.data.eval, self.plan.strategy.micro_batch_size,
+                                     self.recipe.training.eval_max_batches, self.ctx.world)
+        self.governor.account_eval(self.plan.flops_per_token / 3 * forwarded, dt)  # a forward: 1/3 of training
         self.state["evals"].append([step, loss])
         if observe:
             decision = self.governor.observe_eval(step, loss)

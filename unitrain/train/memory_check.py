@@ -120,7 +120,8 @@ def predicted_components(plan, recipe, model) -> dict:
     act = activation_bytes(shape, st.micro_batch_size, plan.seq_len, st, precision_for(st, on_cpu),
                            LoraSpec.of(recipe.method.lora))
     return {"weights": comp.get("weights", 0) + comp.get("adapters", 0),
-            "gradients": comp.get("gradients", 0) + comp.get("comm_buffers", 0),
+            "gradients": sum(comp.get(k, 0) for k in ("gradients", "comm_buffers", "offload_buffers",
+                                                        "offload_staging")),
             "optimizer": comp.get("optimizer", 0),
             "activations": comp.get("activations", 0) + act["head_parts"]["loss"]}
 

@@ -1,0 +1,40 @@
+"""`unitrain plan` on the three example recipes (8B LoRA on 1×24 GiB, 8B full on 8×80 GiB, 70B QLoRA on 1×80 GiB),
+each timed as a whole command (interpreter start included); writes benchmarks/results/plan_examples.txt.
+
+    python benchmarks/plan_examples.py
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ["plan-llama8b-lora-24g.yaml", "plan-llama8b-full-8x80g.yaml", "plan-llama70b-qlora-80g.yaml"]
+
+
+def main() -> None:
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        # no calibration file: the printed plans are the uncalibrated model's
+        env = dict(os.environ, COLUMNS="110", UNITRAIN_CALIBRATION=str(Path(tmp) / "calibration.json"))
+        for name in RECIPES:
+            cmd = [sys.executable, "-m", "unitrain", "plan", f"recipes/{name}"]
+            t = time.perf_counter()
+            res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - t
+            if res.returncode:
+                sys.exit(f"{name}: unitrain plan failed ({res.returncode}):\n{res.stderr}")
+            out.append(f"$ COLUMNS=110 unitrain plan recipes/{name}\n{res.stdout.rstrip()}\n"
+                       f"(wall time of the whole command on a {os.cpu_count()}-core machine: {wall:.2f} s)\n")
+    text = "\n".join(out)
+    print(text)
+    (ROOT / "benchmarks" / "results" / "plan_examples.txt").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
