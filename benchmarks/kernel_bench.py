@@ -3,7 +3,8 @@
     python benchmarks/kernel_bench.py                 # CUDA: tables on stdout and benchmarks/results/kernels_<gpu>.md
     python benchmarks/kernel_bench.py --smoke         # CPU: the same code paths at tiny shapes, Triton interpreter
 
-Per kernel at Llama-3-8B shapes (h 4096, i 14336, 32/8 heads of 128, V 128256, 4 × 2048 tokens, bf16):
+Per kernel at Llama-3-8B shapes (h 4096, i 14336, 32/8 heads of 128, V 128256, 4 × 2048 tokens, bf16; the
+fused LoRA linear at q_proj and up_proj shapes, rank 16, against peft's LoRA Linear):
 forward, backward and forward+backward time (median of triton.testing.do_bench; backward = full −
 forward, because the fused loss computes its gradients in forward) and the peak memory allocated
 above the inputs during one forward+backward. Liger-Kernel columns appear when `liger_kernel` imports.
@@ -175,6 +176,32 @@ def kernel_cases(torch, b: Bench, s: Shapes, liger):
             flce = liger["LigerFusedLinearCrossEntropyLoss"]()
             impls["liger"] = lambda h, W=W, flce=flce: flce(W, h, target)
         yield ("fused_ce (frozen lm_head)" if frozen else "fused_ce"), ([h] if frozen else [h, W]), impls
+
+
+    # LoRA linear (r 16, α 32): peft's LoRA Linear over a frozen 16-bit base (base GEMM, two adapter GEMMs, an
+    # add) against the fused kernel; fp32 adapters under autocast, as the trainer runs them. Liger has none.
+    from peft import LoraConfig, inject_adapter_in_model
+
+    for name, d_in, d_out in (("lora (q_proj)", s.hidden, s.heads * s.head_dim), ("lora (up_proj)", s.hidden,
+                                                                                   s.intermediate)):
+        base = torch.nn.Linear(d_in, d_out, bias=False, device=dev, dtype=dt).requires_grad_(False)
+        holder = inject_adapter_in_model(LoraConfig(r=16, lora_alpha=32, target_modules=["proj"]),
+                                         torch.nn.ModuleDict({"proj": base}))
+        layer = holder["proj"].to(dev)
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        with torch.no_grad():
+            B.normal_(0, 0.02)
+        xl = torch.randn(T, d_in, device=dev, dtype=dt, requires_grad=True)
+
+        def in_autocast(fn):
+            def run(*args):
+                with torch.autocast(dev, dtype=dt, enabled=not b.smoke):
+                    return fn(*args)
+            return run
+
+        impls = {"eager": in_autocast(lambda x, A, B, layer=layer: layer(x)),
+                 "unitrain": in_autocast(lambda x, A, B, base=base: uk.lora_linear(x, base.weight, A, B, 2.0))}
+        yield name, [xl, A, B], impls
 
 
 def run_kernels(torch, b: Bench, s: Shapes, liger):

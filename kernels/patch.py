@@ -8,7 +8,9 @@ One patcher for every Llama-like family (Llama, Qwen2/3, Mistral, Gemma, ...):
   rope      the modeling module's global `apply_rotary_pos_emb`, replaced when a probe shows it is the
             rotate_half RoPE (the swap is per modeling module, reference-counted across models);
   fused_ce  the *ForCausalLM's forward: with labels it runs the base model and computes the loss from
-            lm_head.weight with the fused linear cross-entropy, returning logits=None.
+            lm_head.weight with the fused linear cross-entropy, returning logits=None;
+  lora      peft LoRA layers over a plain nn.Linear (one active adapter, no DoRA/variant, not merged):
+            base GEMM and scaled low-rank update in one kernel (lora.py).
 Forwards are replaced on the instance (module identity, parameters and hooks stay, so peft, DeepSpeed
 and state_dict see the same model) and dispatch at run time: tensors Triton cannot take (CPU without
 the interpreter, an odd dtype, a ZeRO-3-partitioned lm_head) go to the original forward.
@@ -28,13 +30,14 @@ from unitrain.errors import UnitrainError
 
 from ._triton import triton_unavailable_reason
 from .fused_ce import fused_ce_supported, fused_linear_cross_entropy
+from .lora import lora_linear, lora_linear_reference, lora_supported
 from .rmsnorm import MAX_COLS, RMSNormFunction, rmsnorm_reference, rmsnorm_supported
 from .rope import apply_rope, rope_reference
 from .swiglu import SwiGLUFunction, swiglu_supported
 
 log = logging.getLogger("unitrain.kernels")
 
-KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "fused_ce")
+KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "fused_ce", "lora")
 MODES = ("on", "auto", "off")
 _MARK = "_unitrain_kernel"        # set on every module whose forward we replaced
 _PREV = "_unitrain_prev_forward"  # the instance-level forward we replaced, if there was one
@@ -100,7 +103,10 @@ def patch_model(model: nn.Module, kernels=KERNEL_NAMES, mode: str = "auto") -> P
         log.info("%s", report)
         return report
 
-    with torch.no_grad():
+    # The probes draw random inputs: under fork_rng, so patching leaves the run's RNG stream (LoRA dropout masks,
+    # later inits) exactly where the unpatched run has it.
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
         if "rmsnorm" in kernels:
             _patch_modules(model, report, "rmsnorm", _is_rmsnorm, _probe_rmsnorm, _rmsnorm_forward)
         if "swiglu" in kernels:
@@ -109,6 +115,10 @@ def patch_model(model: nn.Module, kernels=KERNEL_NAMES, mode: str = "auto") -> P
             _patch_rope(model, report)
         if "fused_ce" in kernels:
             _patch_modules(model, report, "fused_ce", _is_causal_lm, _probe_causal_lm, _fused_ce_forward)
+        if "lora" in kernels:
+            # one peft class wraps every base layer type: probe per (LoRA class, base class)
+            _patch_modules(model, report, "lora", _is_lora_linear, _probe_lora_linear, _lora_forward,
+                           kind=lambda m: (type(m), type(m.base_layer)))
     for k in kernels:
         if k not in report.active and k not in report.fallback:
             report._add(report.fallback, k, "no matching module in this model")
@@ -144,9 +154,9 @@ def patched_kernel(module: nn.Module) -> str | None:
 
 # ---------------------------------------------------------------- module forwards (patched per instance)
 
-def _patch_modules(model, report, kernel, matches, probe, forward):
-    """Patch every module `matches` accepts; `probe(module)` (once per class) returns (spec, None) or
-    (None, reason)."""
+def _patch_modules(model, report, kernel, matches, probe, forward, kind=type):
+    """Patch every module `matches` accepts; `probe(module)` (once per `kind(module)`, the class by default)
+    returns (spec, None) or (None, reason)."""
     probed: dict[type, tuple] = {}
     for name, m in model.named_modules():
         if not matches(m):
@@ -155,13 +165,13 @@ def _patch_modules(model, report, kernel, matches, probe, forward):
         if hasattr(m, "_hf_hook"):  # accelerate's device-map hook wraps the forward: leave it alone
             report._add(report.fallback, kernel, f"{where}: has an accelerate hook on its forward")
             continue
-        cls = type(m)
-        if cls not in probed:
+        cls, key = type(m), kind(m)
+        if key not in probed:
             try:
-                probed[cls] = probe(m)
+                probed[key] = probe(m)
             except Exception as e:  # a probe that cannot run (meta/partitioned weights, odd forward)
-                probed[cls] = (None, f"probe failed: {type(e).__name__}: {e}")
-        spec, why = probed[cls]
+                probed[key] = (None, f"probe failed: {type(e).__name__}: {e}")
+        spec, why = probed[key]
         if spec is None:
             report._add(report.fallback, kernel, f"{where} ({cls.__name__}): {why}")
             continue
@@ -351,6 +361,77 @@ def _fused_ce_forward(self, *args, **kwargs):
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
     return out if return_dict else out.to_tuple()
+
+
+# fused LoRA linear
+
+def _is_lora_linear(m):
+    return (isinstance(getattr(m, "base_layer", None), nn.Module) and isinstance(getattr(m, "lora_A", None),
+            nn.ModuleDict) and isinstance(getattr(m, "lora_B", None), nn.ModuleDict)
+            and isinstance(getattr(m, "scaling", None), dict) and hasattr(m, "active_adapters"))
+
+
+def _probe_lora_linear(m):
+    """Over a plain nn.Linear (not a quantized or Conv1D base), peft's forward must be base + B(A(x))·s."""
+    base = m.base_layer
+    if type(base) is not nn.Linear:
+        return None, f"base layer is {type(base).__name__}, not nn.Linear (quantized bases keep peft's forward)"
+    if getattr(m, "fan_in_fan_out", False):
+        return None, "fan_in_fan_out (Conv1D) weights"
+    bad = _probe_weight_ok(base.weight)
+    if bad:
+        return None, bad
+    why = _lora_runtime_reason(m, (), {})
+    if why is not None:
+        return None, why
+    ad = m.active_adapters[0]
+    modes = [(mod, mod.training) for mod in m.modules()]
+    m.eval()
+    try:
+        x = torch.randn(2, base.in_features, device=base.weight.device, dtype=base.weight.dtype)
+        got = type(m).forward(m, x)
+        want = lora_linear_reference(x, base.weight, m.lora_A[ad].weight.to(x.dtype), m.lora_B[ad].weight.to(x.dtype),
+                                     m.scaling[ad], base.bias)
+    finally:
+        for mod, was in modes:
+            mod.training = was
+    if not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-4):
+        return None, "forward is not base(x) + lora_B(lora_A(dropout(x))) · scaling"
+    return (), None
+
+
+def _lora_runtime_reason(m, args, kwargs):
+    """Why this call must go to peft's forward (None when the fused kernel computes the same thing)."""
+    if args or any(v is not None for v in kwargs.values()):
+        return "extra forward arguments (mixed-adapter batch or variant kwargs)"
+    if m.merged or m.disable_adapters:
+        return "adapters merged or disabled"
+    active = [a for a in m.active_adapters if a in m.lora_A]
+    if len(active) != 1:
+        return f"{len(active)} active adapters"
+    ad = active[0]
+    if ad in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(ad):
+        return "a LoRA variant (DoRA, ...)"
+    a, b = m.lora_A[ad], m.lora_B[ad]
+    if type(a) is not nn.Linear or type(b) is not nn.Linear or b.bias is not None:
+        return "adapters are not bias-free nn.Linear"
+    if any(mod._forward_hooks or mod._forward_pre_hooks for mod in (m.base_layer, a, b)):
+        return "hooks on the base layer or adapters (e.g. DeepSpeed ZeRO-3 gathering)"
+    return None
+
+
+def _lora_forward(self, x, *args, **kwargs):
+    why = _lora_runtime_reason(self, args, kwargs)
+    if why is None:
+        ad = self.active_adapters[0]
+        base, a, b = self.base_layer, self.lora_A[ad].weight, self.lora_B[ad].weight
+        why = lora_supported(x, base.weight, a, b, base.bias)
+    if why is not None:
+        _warn_once("lora", why)
+        return _original_forward(self)(x, *args, **kwargs)
+    drop = self.lora_dropout[ad]
+    dropped = None if isinstance(drop, nn.Identity) or not drop.training or not getattr(drop, "p", 1) else drop(x)
+    return lora_linear(x, base.weight, a, b, self.scaling[ad], base.bias, dropped)
 
 
 # ---------------------------------------------------------------- rope (module-global function)

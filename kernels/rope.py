@@ -99,7 +99,8 @@ def _launch(q, k, cos, sin, backward, q_dtype, k_dtype):
     block_d = next_pow2(half)
     bq, bk = next_pow2(n_qh), next_pow2(n_kh)
     # one position per program at Llama sizes ((32 + 8) heads × 64), several (≤ 4096 elements) when small
-    block_s = min(next_pow2(s), max(1, 4096 // ((bq + bk) * block_d)))
+    fit = max(1, 4096 // ((bq + bk) * block_d))  # bq + bk need not be a power of two (4 + 2 heads)
+    block_s = min(next_pow2(s), 1 << (fit.bit_length() - 1))  # tl.arange needs a power of two
     warps = 8 if (bq + bk) * block_d * block_s >= 8192 else 4
     _rope_kernel[(b * -(-s // block_s),)](
         q, k, cos, sin, qo, ko,

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# `python -m pytest` from the checkout puts the checkout on sys.path, where the top-level kernels/ folder would
+# shadow Hugging Face's `kernels` package that bitsandbytes and transformers probe for. unitrain and its kernels
+# are installed (as `unitrain_kernels`); the checkout itself need not be importable.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")

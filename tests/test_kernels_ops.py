@@ -12,9 +12,10 @@ pytest.importorskip("triton")
 
 from unitrain_kernels import (FusedLinearCrossEntropyFunction, RMSNormFunction, apply_rope,  # noqa: E402
                               fused_linear_cross_entropy,
-                              linear_cross_entropy_reference, rmsnorm, rmsnorm_reference, rope_reference,
-                              swiglu, swiglu_reference)
+                              linear_cross_entropy_reference, lora_linear, lora_linear_reference, rmsnorm,
+                              rmsnorm_reference, rope_reference, swiglu, swiglu_reference)
 from unitrain_kernels import fused_ce as fused_ce_module  # noqa: E402
+from unitrain_kernels.lora import MAX_RANK, lora_supported  # noqa: E402
 from unitrain_kernels.rope import rope_supported  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -78,6 +79,7 @@ def hf_cos_sin(batch, seq, dim, base=10000.0, offset=0):
     (2, (2, 5, 4, 2, 12)),   # GQA, head_dim 12: half = 6 is not a power of two; one tile of positions
     (1, (2, 5, 4, 2, 12)),   # cos/sin broadcast over the batch
     (2, (2, 5, 8, 4, 256)),  # 2 positions per tile: 3 tiles per sequence, the last one masked
+    (1, (1, 130, 4, 2, 16)),  # 4 + 2 heads: 4096 / (6 × 8) = 85 positions fit, rounded down to 64 per tile
 ])
 def test_rope_gqa_on_hf_transposed_views(cos_batch, shape):
     torch.manual_seed(0)
@@ -206,6 +208,67 @@ def test_fused_ce_rejects_bad_targets_and_second_backward():
         loss.backward()
 
 
+# ---------------------------------------------------------------- fused LoRA linear
+
+@pytest.mark.parametrize("lead,k,n,r,bias", [
+    ((7,), 37, 50, 3, False),      # rank 3 in a 16-wide epilogue tile; K, N not multiples of the blocks
+    ((2, 65), 64, 96, 16, True),   # 130 tokens: three row tiles, the last one masked; a bias
+    ((1,), 33, 129, 8, False),     # one token, N just over two column tiles
+])
+def test_lora_linear_matches_peft_math(lead, k, n, r, bias):
+    torch.manual_seed(0)
+    x = torch.randn(*lead, k, requires_grad=True)
+    w = torch.randn(n, k, requires_grad=True)  # a trainable base too: its gradient path is checked
+    a, b = torch.randn(r, k, requires_grad=True), torch.randn(n, r, requires_grad=True)
+    bb = torch.randn(n, requires_grad=True) if bias else None
+    y = lora_linear(x, w, a, b, 0.75, bb)
+    y_ref = lora_linear_reference(x, w, a, b, 0.75, bb)
+    assert y.shape == (*lead, n) and "LoRALinearFunctionBackward" in str(y.grad_fn.next_functions)
+    inputs = (x, w, a, b) + ((bb,) if bias else ())
+    g = torch.randn_like(y)
+    tol = dict(rtol=1e-4, atol=1e-4)  # fp32 dots of K ≤ 65 unit-variance terms, summed in another order
+    torch.testing.assert_close(y, y_ref, **tol)
+    assert_close_all(grads(y, inputs, g), grads(y_ref, inputs, g), **tol)
+
+
+def test_lora_linear_dropout_input_and_non_contiguous_x():
+    """With dropout the adapters see x̃ = dropout(x) and the base sees x: both gradient paths reach x."""
+    torch.manual_seed(1)
+    base = torch.randn(24, 10, requires_grad=True)
+    x = base.t()  # [10, 24], column-major
+    w, a, b = torch.randn(40, 24), torch.randn(4, 24, requires_grad=True), torch.randn(40, 4, requires_grad=True)
+    xd = torch.nn.functional.dropout(x, 0.5)
+    y = lora_linear(x, w, a, b, 2.0, x_dropped=xd)
+    y_ref = lora_linear_reference(x, w, a, b, 2.0, x_dropped=xd)
+    g = torch.randn_like(y)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    got = torch.autograd.grad(y, (base, a, b), g, retain_graph=True)  # xd's dropout node is shared
+    assert_close_all(got, grads(y_ref, (base, a, b), g))
+
+
+def test_lora_linear_declines_what_it_cannot_fuse():
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    assert "rank" in lora_supported(x, w, torch.randn(MAX_RANK + 1, 8), torch.randn(5, MAX_RANK + 1))
+    assert "shape" in lora_supported(x, w, torch.randn(2, 7), torch.randn(5, 2))
+    assert "materialised" in lora_supported(x, torch.empty(0), torch.randn(2, 8), torch.randn(5, 2))
+    a, b = torch.randn(MAX_RANK + 1, 8), torch.randn(5, MAX_RANK + 1)
+    y = lora_linear(x, w, a, b, 0.5)  # falls back to the reference
+    assert y.grad_fn is None and torch.equal(y, lora_linear_reference(x, w, a, b, 0.5))
+
+
+def test_lora_linear_under_autocast_runs_in_the_autocast_dtype():
+    torch.manual_seed(0)
+    x = torch.randn(9, 16, requires_grad=True)
+    w = torch.randn(24, 16).bfloat16()  # a 16-bit frozen base, fp32 adapters: peft's layout
+    a, b = torch.randn(4, 16, requires_grad=True), torch.randn(24, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = lora_linear(x, w, a, b, 0.5), lora_linear_reference(x, w, a, b, 0.5)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    got, want = grads(y, (x, a, b), torch.ones_like(y)), grads(y_ref, (x, a, b), torch.ones_like(y_ref))
+    assert [t.dtype for t in got] == [torch.float32] * 3
+    assert_close_all((y,) + got, (y_ref,) + want, rtol=2e-2, atol=5e-2)
+
+
 # ---------------------------------------------------------------- 16-bit inputs
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -301,3 +364,23 @@ def test_gpu_fused_ce_low_precision(dtype, kw):
     (gx, gw), (rx, rw) = grads(loss, (x, w), None), grads(ref, (x, w), None)
     for got, want in ((gx, rx), (gw, rw)):
         torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2 * want.abs().max().item())
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", LOW)
+def test_gpu_lora_linear_low_precision(dtype):
+    """Llama-3-8B q_proj-like shapes, rank 16, a 16-bit base and fp32 adapters under autocast (the trainer's
+    layout): tensor-core dots with fp32 accumulation against peft's three-GEMM eager math."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1000, 4096, device="cuda", dtype=dtype, requires_grad=True)
+    w = (0.02 * torch.randn(4096, 4096, device="cuda")).to(dtype)
+    a = (0.02 * torch.randn(16, 4096, device="cuda")).requires_grad_()
+    b = (0.02 * torch.randn(4096, 16, device="cuda")).requires_grad_()
+    with torch.autocast("cuda", dtype=dtype):
+        y, y_ref = lora_linear(x, w, a, b, 2.0), lora_linear_reference(x, w, a, b, 2.0)
+    g = torch.randn_like(y)
+    torch.testing.assert_close(y, y_ref, **LOW_TOL[dtype])
+    for got, want in zip(grads(y, (x, a, b), g), grads(y_ref, (x, a, b), g)):
+        cos = torch.nn.functional.cosine_similarity(got.flatten().float(), want.flatten().float(), dim=0)
+        assert cos > 0.999, cos.item()

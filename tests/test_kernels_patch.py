@@ -72,7 +72,7 @@ def test_patch_replaces_the_right_modules_and_keeps_the_training_signal(family):
     assert report.active["swiglu"] == [f"model.layers.{i}.mlp" for i in range(n_layers)]
     assert report.active["rope"] == [f"{modeling.__name__}.apply_rotary_pos_emb"]
     assert report.active["fused_ce"] == [type(model).__name__]
-    assert not report.fallback
+    assert report.fallback == {"lora": ["no matching module in this model"]}  # no peft adapters here
     assert patched_kernel(model.model.norm) == "rmsnorm" and patched_kernel(model.model.layers[1].mlp) == "swiglu"
     assert patched_kernel(model) == "fused_ce" and patched_kernel(model.lm_head) is None
     assert modeling.apply_rotary_pos_emb is not original_rope
@@ -135,11 +135,81 @@ def test_peft_lora_model_keeps_calling_the_lora_layers():
     assert patched_kernel(model) is None  # PeftModelForCausalLM itself is left alone
     mlp = inner.model.layers[0].mlp
     assert patched_kernel(mlp) == "swiglu" and type(mlp.gate_proj).__module__.startswith("peft")
+    assert len(report.active["lora"]) == 5 * 2 and patched_kernel(mlp.gate_proj) == "lora"  # 5 targets × 2 layers
+    assert patched_kernel(mlp.gate_proj.base_layer) is None and "lora" not in report.fallback
     after = loss_and_grads(model, ids, labels)
     assert any("lora_B" in n for n in after[1]) and not any("lm_head" in n for n in after[1])
     assert_same_training_signal(before, after)
     unpatch_model(model)
     assert all(patched_kernel(m) is None for m in model.modules())
+
+
+def _lora_model(dropout=0.0, **config):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny("Llama"), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                               target_modules="all-linear", **config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def test_fused_lora_gives_peft_training_signal_with_dropout_and_falls_back_when_it_must():
+    model = _lora_model(dropout=0.3)
+    ids, labels = batch()
+    torch.manual_seed(5)
+    before = loss_and_grads(model.train(), ids, labels)
+    report = patch_model(model, kernels=["lora"], mode="on")
+    assert len(report.active["lora"]) == 7 * 2  # q, k, v, o, gate, up, down in both layers
+    torch.manual_seed(5)  # the same dropout masks: the kernel draws them through the layer's own nn.Dropout
+    after = loss_and_grads(model, ids, labels)
+    assert_same_training_signal(before, after)
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
+    with torch.no_grad():  # run time: merged adapters (or a second active adapter) go to peft's forward
+        x = torch.randn(3, 64)
+        q_proj.merge()
+        torch.testing.assert_close(q_proj(x), q_proj.base_layer(x))
+        q_proj.unmerge()
+    unpatch_model(model)
+    assert all(patched_kernel(m) is None for m in model.modules())
+
+
+def test_fused_lora_declines_dora_and_non_linear_bases():
+    dora = _lora_model(use_dora=True)
+    report = patch_model(dora, kernels=["lora"], mode="on")
+    assert "lora" not in report.active and all("variant" in why for why in report.fallback["lora"])
+    unpatch_model(dora)
+    peft = pytest.importorskip("peft")
+
+    class Scaled(torch.nn.Linear):  # a base layer that is not a plain nn.Linear (as a quantized one)
+        pass
+
+    model = tiny("Llama")
+    layer = model.model.layers[0].mlp
+    layer.up_proj = Scaled(64, 96, bias=False)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["up_proj"]))
+    report = patch_model(model, kernels=["lora"], mode="on")
+    assert len(report.active["lora"]) == 1 and "not nn.Linear" in report.fallback["lora"][0]
+    unpatch_model(model)
+
+
+def test_fused_lora_saves_what_peft_saves():
+    """Saved-for-backward bytes (the planner's activation model) are the same with and without the kernel."""
+    from unitrain.train.memory_check import SavedTensors
+
+    model = _lora_model()
+    ids, labels = batch()
+    saved = []
+    for patched in (False, True):
+        if patched:
+            patch_model(model, kernels=["lora"], mode="on")
+        with SavedTensors(model).watch() as rec:
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        saved.append(rec.bytes)
+    assert saved[0] == saved[1] > 0
+    unpatch_model(model)
 
 
 def test_hf_loss_options_num_items_shift_labels_and_tuple_output():
@@ -251,7 +321,7 @@ def test_patched_model_trains_under_deepspeed_zero(stage, tmp_path):
     line = next((ln for ln in run.stdout.splitlines() if ln.startswith("RESULT")), None)
     assert line, run.stdout[-2000:] + run.stderr[-4000:]
     result = json.loads(line[len("RESULT"):])
-    assert result["active"] == sorted(KERNEL_NAMES)
+    assert result["active"] == sorted(set(KERNEL_NAMES) - {"lora"})  # no adapters in this model
     assert abs(result["loss"] - result["want"]) < 1e-5
     assert result["logits"] is (stage == 3)
 
@@ -266,11 +336,22 @@ def test_gpu_auto_mode_patches_a_bf16_model_and_keeps_the_loss(family):
     ids, labels = ids.cuda(), labels.cuda()
     before = loss_and_grads(model, ids, labels)
     report = patch_model(model, mode="auto")
-    assert all(report.is_active(k) for k in KERNEL_NAMES), str(report)
+    assert all(report.is_active(k) for k in KERNEL_NAMES if k != "lora"), str(report)
     after = loss_and_grads(model, ids, labels)
     assert after[0].logits is None
     torch.testing.assert_close(after[0].loss.float(), before[0].loss.float(), rtol=2e-2, atol=2e-2)
     for name, g in before[1].items():  # bf16: compare each gradient's direction and scale
         cos = torch.nn.functional.cosine_similarity(g.flatten().float(), after[1][name].flatten().float(), dim=0)
         assert cos > 0.98, (name, cos.item())
+    unpatch_model(model)
+
+
+def test_patching_leaves_the_global_rng_where_it_was():
+    """The probes draw random inputs; a run with kernels must draw the same dropout masks as one without."""
+    model = _lora_model(dropout=0.1)
+    torch.manual_seed(3)
+    patch_model(model, mode="on")
+    after_patch = torch.rand(4)
+    torch.manual_seed(3)
+    assert torch.equal(after_patch, torch.rand(4))
     unpatch_model(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -178,3 +179,26 @@ def test_eval_cost_is_the_tokens_the_model_forwards(world, max_batches):
         eval_loss(Counting(), seqs, 2, max_batches, rank=rank, world=world)
     assert Counting.seen == forwarded_tokens(seqs, 2, max_batches, world)
     assert forwarded_tokens(seqs, 2, None, 1) == 2 * 9 + 2 * 12 + 2 * 7 + 11
+
+
+@pytest.mark.slow
+def test_lora_run_with_kernels_on_follows_the_reference_run(tiny_recipe, monkeypatch, capsys):
+    """`training.kernels: on` through the whole trainer (Triton interpreter, fp32, LoRA dropout 0.05): the plan lists
+    the fused LoRA linear, the patcher reports it active on every adapter layer, and the losses follow the
+    kernels-off run — the same dropout masks, so patching must not move the RNG."""
+    pytest.importorskip("triton")
+    from unitrain.train.run import run_recipe
+    from unitrain.train.track import read_metrics
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    losses = {}
+    for mode in ("off", "on"):
+        r = tiny_recipe(name=f"k-{mode}", **{"method.name": "lora", "training.kernels": mode,
+                                              "training.max_steps": 4, "training.eval_every": 0, "training.lr": 1e-2})
+        res = run_recipe(r)
+        losses[mode] = [m["loss"] for m in read_metrics(res.run_dir) if "loss" in m]
+        kernels = json.loads((res.run_dir / "plan.json").read_text())["strategy"]["kernels"]
+        assert ("lora" in kernels) == (mode == "on")
+    out = capsys.readouterr().out
+    assert "lora: active on 14" in out  # 7 linear layers × 2 decoder layers
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-4) and losses["on"][-1] < losses["on"][0]

@@ -183,7 +183,9 @@ def make_plan(recipe, spec=None, model_config=None, data_stats: DataStats | None
     warm = math.ceil(t.warmup_ratio * steps)
     cool = math.ceil(t.cooldown_ratio * steps) if t.schedule == "wsd" else 0
     if st.kernels:
-        notes.append("kernels: fused RMSNorm/RoPE/SwiGLU and a chunked linear-cross-entropy (no b·s·V logits)")
+        notes.append("kernels: fused RMSNorm/RoPE/SwiGLU and a chunked linear-cross-entropy (no b·s·V logits)"
+                     + ("; LoRA layers as one GEMM with the low-rank update in its epilogue (same saved tensors)"
+                        if "lora" in st.kernels else ""))
     notes.append(f"usable memory = {'CPU memory − 10 %' if spec.on_cpu else 'GPU memory − max(5 %, 1 GiB)'} "
                  "(allocator variance, other processes); predicted peak includes context and fragmentation")
     notes.append(f"step time: {best.time.compute:.3g} s compute at {best.time.mfu:.0%} MFU + "

@@ -25,7 +25,7 @@ from unitrain.plan.shape import ModelShape
 
 SAFETY_MARGIN = 0.05  # usable = memory − max(5 %, 1 GiB) on GPUs: allocator variance, other processes
 CPU_SAFETY = 0.10  # usable = memory − 10 % on the host (OS, page cache, data loading)
-KERNELS = ["rmsnorm", "rope", "swiglu", "fused_ce"]
+KERNELS = ["rmsnorm", "rope", "swiglu", "fused_ce", "lora"]  # lora: LoRA plans only (QLoRA's base is 4-bit)
 OPTIMIZERS = ["adamw", "adamw8bit", "paged_adamw8bit"]
 CKPT_ORDER = {"off": 0, 4: 1, 2: 2, "full": 3}
 
@@ -195,7 +195,8 @@ def enumerate_strategies(recipe, spec, shape: ModelShape, refusals: list[str]) -
                                 out.append(Strategy(method=method, zero_stage=zs, offload_optimizer=oo,
                                                     offload_params=op, optimizer=opt, checkpointing=ck,
                                                     micro_batch_size=mb, grad_accum=per_rank // mb,
-                                                    kernels=list(kernels), dtype=dtype))
+                                                    kernels=[k for k in kernels if k != "lora" or method == "lora"],
+                                                    dtype=dtype))
     return out
 
 
