@@ -16,6 +16,7 @@ and state_dict see the same model) and dispatch at run time: tensors Triton cann
 the interpreter, an odd dtype, a ZeRO-3-partitioned lm_head) go to the original forward.
 """
 
+import contextlib
 import inspect
 import logging
 import sys
@@ -197,6 +198,18 @@ def _original_forward(m):
     return prev if prev is not None else types.MethodType(type(m).forward, m)
 
 
+@contextlib.contextmanager
+def _eval_mode(m):
+    """Probe in eval mode (no dropout), then give every submodule its own training flag back."""
+    modes = [(mod, mod.training) for mod in m.modules()]
+    m.eval()
+    try:
+        yield
+    finally:
+        for mod, was in modes:
+            mod.training = was
+
+
 def _probe_weight_ok(w):
     if w.device.type == "meta" or w.numel() == 0:
         return f"weights are not materialised ({w.device.type}, {w.numel()} elements)"
@@ -264,16 +277,11 @@ def _probe_swiglu(m):
     n_in = getattr(m, "hidden_size", None) or getattr(m.gate_proj, "in_features", None)
     if not isinstance(n_in, int):
         return None, "cannot tell the MLP's input size"
-    modes = [(mod, mod.training) for mod in m.modules()]
-    m.eval()
-    try:
+    with _eval_mode(m):
         dtype = param.dtype if param.dtype.is_floating_point else torch.float32
         x = torch.randn(1, 1, n_in, device=param.device, dtype=dtype)
         got = type(m).forward(m, x)
         want = m.down_proj(F.silu(m.gate_proj(x)) * m.up_proj(x))
-    finally:
-        for mod, was in modes:
-            mod.training = was
     if not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-4):
         return None, "forward is not down_proj(act_fn(gate_proj(x)) * up_proj(x))"
     return (), None
@@ -385,16 +393,11 @@ def _probe_lora_linear(m):
     if why is not None:
         return None, why
     ad = m.active_adapters[0]
-    modes = [(mod, mod.training) for mod in m.modules()]
-    m.eval()
-    try:
+    with _eval_mode(m):
         x = torch.randn(2, base.in_features, device=base.weight.device, dtype=base.weight.dtype)
         got = type(m).forward(m, x)
         want = lora_linear_reference(x, base.weight, m.lora_A[ad].weight.to(x.dtype), m.lora_B[ad].weight.to(x.dtype),
                                      m.scaling[ad], base.bias)
-    finally:
-        for mod, was in modes:
-            mod.training = was
     if not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-4):
         return None, "forward is not base(x) + lora_B(lora_A(dropout(x))) · scaling"
     return (), None
