@@ -53,6 +53,13 @@ def test_deepspeed_config_written(tmp_path, capsys):
     assert cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * 8 == 64
     assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"] and z["stage"] >= 1
     assert cfg["gradient_clipping"] == 1.0 and cfg["optimizer"]["type"] == "AdamW"
+    assert "bitsandbytes" not in capsys.readouterr().out
+    # 8×24 GiB without host room to offload: the plan takes 8-bit AdamW inside ZeRO, which DeepSpeed cannot name
+    assert main(["plan", str(RECIPES / EXAMPLES[1]), "--gpu-memory", "24GiB", "--cpu-memory", "32GiB", "--accelerator",
+                 "A10G", "--deepspeed-config", str(out)]) == 0
+    cfg = json.loads(out.read_text())
+    assert "optimizer" not in cfg and cfg["zero_allow_untested_optimizer"] is True
+    assert "pass it to deepspeed.initialize" in capsys.readouterr().out
 
 
 def test_nothing_fits_exits_non_zero_with_the_reason(capsys):

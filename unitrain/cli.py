@@ -136,6 +136,9 @@ def cmd_plan(args, console) -> int:
         with open(args.deepspeed_config, "w") as f:
             json.dump(deepspeed_config(plan, recipe), f, indent=2)
         console.print(f"DeepSpeed config written to {args.deepspeed_config}")
+        if plan.strategy.optimizer != "adamw":  # DeepSpeed has no bitsandbytes optimizer type
+            console.print(f"note: the plan's optimizer is bitsandbytes {plan.strategy.optimizer}; the config names "
+                          f"none, so pass it to deepspeed.initialize(optimizer=...) yourself (unitrain run does)")
     return 0
 
 
