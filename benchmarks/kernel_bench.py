@@ -10,7 +10,8 @@ forward, because the fused loss computes its gradients in forward) and the peak 
 above the inputs during one forward+backward. Liger-Kernel columns appear when `liger_kernel` imports.
 Then a training step (AdamW, bf16 weights) of a Llama-3.2-1B-shaped model from LlamaConfig, random
 init: tokens/s and peak memory without kernels, with unitrain's and with Liger's (Liger patches
-transformers' Llama module globally, so it runs last).
+transformers' Llama module globally, so it runs last); and the same model as LoRA (r 16, every linear
+layer, fp32 adapters under bf16 autocast) with and without unitrain's kernels, the fused LoRA linear included.
 """
 
 import argparse
@@ -279,18 +280,28 @@ def train_variant(torch, b: Bench, config_kw, variant, batch, seq, steps, liger)
     with torch.device(b.device):
         model = LlamaForCausalLM(config).to(b.dtype)
     detail = ""
-    if variant == "unitrain":
+    if variant.endswith("+ LoRA"):  # r 16 on every linear layer, frozen 16-bit base, fp32 adapters under autocast
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    if variant.startswith("unitrain"):
         report = uk.patch_model(model, mode="on")
         detail = ", ".join(k for k in uk.KERNEL_NAMES if report.is_active(k))
     elif variant == "liger":
         liger["apply_liger_kernel_to_llama"](model=model)
         detail = "rope, rms_norm, swiglu, fused_linear_cross_entropy"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, **({} if b.smoke else {"fused": True}))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                            **({} if b.smoke else {"fused": True}))
+    autocast = torch.autocast(b.device, dtype=b.dtype, enabled=not b.smoke and variant.endswith("+ LoRA"))
     g = torch.Generator(device=b.device).manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=b.device, generator=g)
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -309,7 +320,7 @@ def train_variant(torch, b: Bench, config_kw, variant, batch, seq, steps, liger)
     sync()
     dt = (time.perf_counter() - t) / steps
     peak = None if b.smoke else torch.cuda.max_memory_allocated() / 2**30
-    if variant == "unitrain":
+    if variant.startswith("unitrain"):
         uk.unpatch_model(model)
     return dict(variant=variant, detail=detail, step_ms=dt * 1e3, tok_s=batch * seq / dt, gib=peak, first_loss=first)
 
@@ -319,7 +330,8 @@ def run_training(torch, b, args, liger):
     batch, seq = (2, 8) if b.smoke else (args.train_batch, args.seq)
     steps = 1 if b.smoke else args.steps
     rows = []
-    for variant in ["eager", "unitrain"] + (["liger"] if liger else []):
+    # Liger patches transformers' Llama module for good: it runs last
+    for variant in ["eager", "unitrain", "eager + LoRA", "unitrain + LoRA"] + (["liger"] if liger else []):
         try:
             rows.append(train_variant(torch, b, config_kw, variant, batch, seq, steps, liger))
         except Exception as e:
@@ -334,11 +346,12 @@ def run_training(torch, b, args, liger):
 def train_table(rows):
     lines = ["| variant | kernels | step ms | tokens/s | × eager tokens/s | peak GiB | first-step loss |",
              "|---|---|---|---|---|---|---|"]
-    eager = next((r for r in rows if r["variant"] == "eager" and "error" not in r), None)
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['variant']} | error: {r['error']} | | | | | |")
             continue
+        base = "eager + LoRA" if r["variant"].endswith("+ LoRA") else "eager"  # LoRA rows against eager LoRA
+        eager = next((e for e in rows if e["variant"] == base and "error" not in e), None)
         ratio = f"{r['tok_s'] / eager['tok_s']:.3f}×" if eager else "-"
         gib = "-" if r["gib"] is None else f"{r['gib']:.2f}"
         lines.append(f"| {r['variant']} | {r['detail'] or '-'} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | {ratio} | "
