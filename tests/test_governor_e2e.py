@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from unitrain.errors import UnitrainError
-from unitrain.recipe import validate
+from unitrain.recipe import apply_overrides, validate
 from unitrain.train import checkpoint as ckpt
 from unitrain.train.loop import Trainer
 from unitrain.train.run import run_recipe
@@ -65,13 +65,7 @@ def recipe(words, tmp_path):
             "output": {"dir": str(tmp_path / "runs"), "save_every": 0, "keep_last": 5},
             "tracking": {"progress": False},
         }
-        for key, value in overrides.items():
-            node = data
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        return validate(data)
+        return validate(apply_overrides(data, overrides))
 
     return make
 

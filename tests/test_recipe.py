@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from unitrain.errors import RecipeError
-from unitrain.recipe import Recipe, field_docs, load_recipe, validate
+from unitrain.recipe import Recipe, apply_overrides, field_docs, load_recipe, validate
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = {"model": {"name": "some/model"}, "data": {"train": "some/hub-dataset"}}
@@ -130,3 +130,10 @@ def test_every_field_is_documented():
     rows = field_docs()
     undocumented = [k for k, _, doc in rows if not doc]
     assert not undocumented, undocumented
+
+
+def test_apply_overrides_sets_dotted_keys_and_replaces_mappings():
+    data = {"model": {"config": {"hidden_size": 64, "num_hidden_layers": 2}}, "training": {"lr": 1e-3}}
+    out = apply_overrides(data, {"training.lr": 5e-4, "method.lora.r": 8, "model.config": {"hidden_size": 32}})
+    assert out == {"model": {"config": {"hidden_size": 32}}, "training": {"lr": 5e-4}, "method": {"lora": {"r": 8}}}
+    assert data["training"]["lr"] == 1e-3  # the input is left alone

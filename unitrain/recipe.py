@@ -448,6 +448,15 @@ def parse_overrides(overrides: list[str]) -> dict:
         raise RecipeError([f"overrides: {e}"]) from None
 
 
+def apply_overrides(data: dict, overrides: dict) -> dict:
+    """`data` with dotted-key overrides set ({"training.lr": 1e-3}), missing sections created; a mapping value
+    replaces the old one rather than merging into it."""
+    cfg = OmegaConf.create(data)
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+    return OmegaConf.to_container(cfg)
+
+
 def load_recipe(path: str | Path, overrides: list[str] = (), *, check_files: bool = True) -> Recipe:
     """Load a YAML recipe, merge `key=value` overrides, validate everything at once."""
     path = Path(path)

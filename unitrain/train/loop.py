@@ -78,6 +78,10 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=getattr(torch, s.dtype))
                          if self.device.type == "cuda" and s.dtype != "float32" else None)
         self.step, self.end_step, self.stop_reason = 0, p.max_steps, "completed"
+        # what one eval forwards (the governor charges it): fixed by the eval set, micro-batch and world size
+        t = self.recipe.training
+        self.eval_forwarded = forwarded_tokens(self.data.eval, s.micro_batch_size, t.eval_max_batches,
+                                               self.ctx.world) if self.data.eval is not None else 0
         self.state = {"tokens": 0, "flops": 0.0, "wall": 0.0, "evals": []}
         self.step_times: list[float] = []  # this process's step seconds, for calibration
         resume_from = ckpt.find_resume(self.run_dir / "checkpoints", self.recipe.output.resume)
@@ -227,9 +231,7 @@ class Trainer:
         total, count = dist.all_sum(total, self.device), dist.all_sum(count, self.device)
         loss = total / count if count else float("nan")
         dt = time.perf_counter() - t0
-        forwarded = forwarded_tokens(self.data.eval, self.plan.strategy.micro_batch_size,
-                                     self.recipe.training.eval_max_batches, self.ctx.world)
-        self.governor.account_eval(self.plan.flops_per_token / 3 * forwarded, dt)  # a forward: 1/3 of training
+        self.governor.account_eval(self.plan.flops_per_token / 3 * self.eval_forwarded, dt)  # forward = 1/3 of training
         self.state["evals"].append([step, loss])
         if observe:
             decision = self.governor.observe_eval(step, loss)
