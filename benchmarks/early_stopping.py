@@ -136,13 +136,13 @@ def size_budgets(task: Task, tokenizer: Path, seed: int, out_dir: Path) -> list[
     tok = M.load_tokenizer(r.model)
     stats = pipeline.data_stats(pipeline.tokenize_data(r, tok), r, tok.pad_token_id)
     plan = make_plan(r, None, M.load_config(r.model), stats)
-    eval_flops = plan.flops_per_token / 3 * task.eval_batches * task.batch * task.seq_len  # an upper bound
+    eval_flops = plan.compute.flops_per_slot / 3 * task.eval_batches * task.batch * task.seq_len  # an upper bound
     pairs = []
     for epochs in BUDGET_EPOCHS:
         steps = max(1, round(epochs * stats.n_sequences / task.batch))
         every = max(2, steps // 40)
         n_evals = steps // every + 2  # step 0, every `every` steps, the final eval
-        pairs.append(Pair(task.name, epochs, seed, steps, every, steps * plan.flops_per_step + n_evals * eval_flops))
+        pairs.append(Pair(task.name, epochs, seed, steps, every, steps * plan.compute.flops_per_step + n_evals * eval_flops))
     return pairs
 
 

@@ -29,7 +29,7 @@ import torch
 
 from unitrain.plan.calibrate import measure_cpu_memory
 from unitrain.plan.memory import LoraSpec, estimate_memory, precision_for
-from unitrain.plan.schema import Strategy
+from unitrain.plan.schema import Execution
 from unitrain.plan.shape import KNOWN_CONFIGS, shape_from_config, shape_from_meta
 
 MODELS = {  # name: config (tiny to SmolLM2-135M; Llama and Qwen2 shapes, GQA everywhere)
@@ -94,7 +94,7 @@ def build(case: Case):
 
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(d)
-            st = Strategy(method="qlora", dtype="float32")
+            st = Execution(method="qlora", dtype="float32")
             model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa",
                                                          quantization_config=M.qlora_config(st))
     model.config.use_cache = False
@@ -118,7 +118,7 @@ def optimizer_for(model, name):
 def predict(case: Case, cfg: dict):
     shape = shape_from_config(cfg)
     dtype = "float32" if case.regime == "fp32" else "bfloat16"
-    st = Strategy(method=case.method, zero_stage=1 if case.regime == "bf16" and case.method == "full" else 0,
+    st = Execution(method=case.method, zero_stage=1 if case.regime == "bf16" and case.method == "full" else 0,
                   optimizer=case.optimizer, checkpointing=case.ckpt, micro_batch_size=case.b, dtype=dtype)
     lora = LoraSpec(16, case.dropout, "all-linear")
     prec = precision_for(st, on_cpu=case.regime == "fp32")
@@ -223,7 +223,7 @@ def part2() -> list[str]:
         psi, ll = shape.total_params, shape.largest_module_params
         for N in (1, 8):
             for stage, off in ((2, False), (2, True), (3, False), (3, True)):
-                st = Strategy(method="full", zero_stage=stage, offload_optimizer=off, offload_params=off and stage == 3,
+                st = Execution(method="full", zero_stage=stage, offload_optimizer=off, offload_params=off and stage == 3,
                               micro_batch_size=1, dtype="bfloat16")
                 est = estimate_memory(shape, st, 1, N, N, on_cpu=False)
                 comp = {c.name: c for c in est.components}

@@ -63,8 +63,8 @@ def prepare(recipe):
 def build_model(recipe, plan):
     from unitrain import model as M
 
-    m = M.load_model(recipe.model, plan.strategy, recipe.training.seed)
-    return M.apply_method(m, plan.strategy.method, recipe.method.lora, "off")
+    m = M.load_model(recipe.model, plan.execution, recipe.training.seed)
+    return M.apply_method(m, plan.execution.method, recipe.method.lora, "off")
 
 
 def run_unitrain(recipe, tok, data, plan) -> dict:
@@ -105,14 +105,15 @@ def run_hf(recipe, tok, data, plan, out: Path) -> dict:
             return len(sequence)
 
         def __getitem__(self, i):
-            return {k: v[0] for k, v in seqs.batch([sequence[i]]).items()}
+            row = {k: v[0] for k, v in seqs.batch([sequence[i]]).items()}
+            return {**row, "attention_mask": torch.ones_like(row["input_ids"])}  # HF pads and masks in collate
 
     class InOrder(Trainer):
         def _get_train_sampler(self, *args, **kwargs):
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
     def collate(rows):  # same trimming as unitrain: pad to the longest real length in the micro-batch
-        width = max(int(r["attention_mask"].sum()) for r in rows)
+        width = max(len(r["input_ids"]) for r in rows)
         return {k: torch.stack([torch.nn.functional.pad(r[k][:width], (0, width - len(r[k][:width])),
                                                         value=-100 if k == "labels" else 0) for r in rows])
                 for k in rows[0]}
@@ -132,8 +133,8 @@ def run_hf(recipe, tok, data, plan, out: Path) -> dict:
                 self.losses.append(logs["loss"])
 
     args = TrainingArguments(
-        output_dir=str(out / "hf"), per_device_train_batch_size=plan.strategy.micro_batch_size,
-        gradient_accumulation_steps=plan.strategy.grad_accum, max_steps=t.max_steps, learning_rate=t.lr,
+        output_dir=str(out / "hf"), per_device_train_batch_size=plan.execution.micro_batch_size,
+        gradient_accumulation_steps=plan.execution.grad_accum, max_steps=t.max_steps, learning_rate=t.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True, seed=t.seed,
         disable_tqdm=True, dataloader_num_workers=0, optim="adamw_torch")
@@ -180,7 +181,7 @@ def main() -> int:
         f"# unitrain vs transformers Trainer (CPU, {torch.get_num_threads()} threads)",
         "",
         f"SmolLM2-135M first {args.layers} layers, {args.method}, GSM8K packed to {args.seq_len} tokens, "
-        f"global batch {args.batch} (micro {plan.strategy.micro_batch_size} × accum {plan.strategy.grad_accum}), "
+        f"global batch {args.batch} (micro {plan.execution.micro_batch_size} × accum {plan.execution.grad_accum}), "
         f"{args.steps} steps, AdamW constant LR; {args.repeats} repeats in ABBA order, medians. Same sequences "
         f"in the same order for both, so the losses must agree.",
         "",

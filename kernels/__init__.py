@@ -10,13 +10,13 @@ or CPU with TRITON_INTERPRET=1) and the reference elsewhere.
 from .fused_ce import (FusedLinearCrossEntropyFunction, fused_linear_cross_entropy,
                        linear_cross_entropy_reference)
 from .lora import LoRALinearFunction, lora_linear, lora_linear_reference
-from .patch import KERNEL_NAMES, PatchReport, patch_model, patched_kernel, unpatch_model
+from .patch import KERNEL_NAMES, KernelError, PatchReport, patch_model, patched_kernel, unpatch_model
 from .rmsnorm import RMSNormFunction, rmsnorm, rmsnorm_reference
 from .rope import RoPEFunction, apply_rope, rope_reference
 from .swiglu import SwiGLUFunction, swiglu, swiglu_reference
 
 __all__ = [
-    "KERNEL_NAMES", "PatchReport", "patch_model", "unpatch_model", "patched_kernel",
+    "KERNEL_NAMES", "KernelError", "PatchReport", "patch_model", "unpatch_model", "patched_kernel",
     "RMSNormFunction", "rmsnorm", "rmsnorm_reference",
     "RoPEFunction", "apply_rope", "rope_reference",
     "SwiGLUFunction", "swiglu", "swiglu_reference",

@@ -27,8 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unitrain.errors import UnitrainError
-
 from ._triton import triton_unavailable_reason
 from .fused_ce import fused_ce_supported, fused_linear_cross_entropy
 from .lora import lora_linear, lora_linear_reference, lora_supported
@@ -37,6 +35,12 @@ from .rope import apply_rope, rope_reference
 from .swiglu import SwiGLUFunction, swiglu_supported
 
 log = logging.getLogger("unitrain.kernels")
+
+
+class KernelError(ValueError):
+    """A kernel request that cannot be honoured (bad mode, Triton unavailable with `on`). The kernels package stands
+    alone: callers translate this into their own error type (unitrain.model.apply_kernels does)."""
+
 
 KERNEL_NAMES = ("rmsnorm", "rope", "swiglu", "fused_ce", "lora")
 MODES = ("on", "auto", "off")
@@ -84,7 +88,7 @@ def patch_model(model: nn.Module, kernels=KERNEL_NAMES, mode: str = "auto") -> P
     kernels = (kernels,) if isinstance(kernels, str) else tuple(kernels)
     unknown = [k for k in kernels if k not in KERNEL_NAMES]
     if mode not in MODES or unknown:
-        raise UnitrainError(f"kernels: mode must be one of {MODES} (got {mode!r}) and kernels a subset of "
+        raise KernelError(f"kernels: mode must be one of {MODES} (got {mode!r}) and kernels a subset of "
                             f"{KERNEL_NAMES} (unknown: {unknown}); fix the recipe's `kernels` setting")
     report = PatchReport(mode)
     unpatch_model(model)
@@ -97,7 +101,7 @@ def patch_model(model: nn.Module, kernels=KERNEL_NAMES, mode: str = "auto") -> P
         reason = "no CUDA device"
     if reason is not None:
         if mode == "on":
-            raise UnitrainError(f"kernels: on, but the Triton kernels cannot run here: {reason}. "
+            raise KernelError(f"kernels: on, but the Triton kernels cannot run here: {reason}. "
                                 "Use `kernels: auto` to fall back to the PyTorch code, or run on a CUDA GPU.")
         for k in kernels:
             report._add(report.fallback, k, reason)

@@ -73,7 +73,7 @@ def recipe(words, tmp_path):
 def _flops_per_step(r) -> float:
     from unitrain.plan import make_plan
 
-    return make_plan(r).flops_per_step
+    return make_plan(r).compute.flops_per_step
 
 
 def _governor(run_dir: Path) -> tuple[dict, list[dict]]:
@@ -91,15 +91,18 @@ def test_flop_budget_sets_the_length_and_is_never_exceeded(recipe):
     res = run_recipe(recipe(**{"resources.budget": f"{budget:.6e}", "stopping.enabled": False,
                                "training.eval_max_batches": 1}))
     plan = json.loads((res.run_dir / "plan.json").read_text())
+    steps = plan["length"]["steps"]
     g, log = _governor(res.run_dir)
-    per_eval = g["report"]["used"]["eval_flops"] / (2 + (plan["max_steps"] - 1) // 2)
+    per_eval = plan["evals"]["flops"]
+    assert g["report"]["used"]["eval_flops"] == pytest.approx(per_eval * (2 + (steps - 1) // 2))  # as planned
     assert 0 < per_eval < F / 2
     # the planner's length comes from the budget with the evals reserved: the last step that still fits
-    assert plan["max_steps"] * F + (2 + (plan["max_steps"] - 1) // 2) * per_eval <= budget
-    assert (plan["max_steps"] + 1) * F + (2 + plan["max_steps"] // 2) * per_eval > budget
-    assert plan["max_steps"] < 30 and any("− evals" in n for n in plan["notes"])
+    assert steps * F + (2 + (steps - 1) // 2) * per_eval <= budget
+    assert (steps + 1) * F + (2 + steps // 2) * per_eval > budget
+    assert steps < 30 and any("− evals" in n for n in plan["notes"])
+    assert plan["budget"]["split"]["evals"] == pytest.approx(plan["evals"]["count"] * per_eval)
     # so the run trains every planned step: the governor's budget stop can only coincide with the planned end
-    assert res.exit_code == 0 and res.steps == plan["max_steps"] and res.stop_reason in ("budget", "completed")
+    assert res.exit_code == 0 and res.steps == steps and res.stop_reason in ("budget", "completed")
     used = g["report"]["used"]["flops"]
     assert budget - F < used <= budget  # the budget spent, final eval included
     rows = [r for r in read_metrics(res.run_dir) if "flops_used" in r]
@@ -142,14 +145,14 @@ def test_flattened_curve_stops_by_marginal_gain_with_cooldown_and_report(recipe)
     r = recipe(**{"resources.budget": "100k tokens"})  # 390 steps; the loss is flat long before
     res = run_recipe(r)
     plan = json.loads((res.run_dir / "plan.json").read_text())
-    assert plan["max_steps"] == 390
+    assert plan["length"]["steps"] == 390
     assert res.exit_code == 0 and res.stop_reason == "marginal_gain"
     g, log = _governor(res.run_dir)
     stop = next(d for d in log if d["stop"])
     assert stop["reason"] == "marginal_gain" and stop["marginal_gain"] < stop["threshold"]
     assert {"a", "b", "c", "r2"} <= set(stop["fit"]) and stop["predicted_final_loss"] > 0
     assert stop["cooldown_steps"] > 0 and res.steps == stop["step"] + stop["cooldown_steps"]
-    assert res.steps < 0.6 * plan["max_steps"]
+    assert res.steps < 0.6 * plan["length"]["steps"]
     rows = {x["step"]: x for x in read_metrics(res.run_dir) if "lr" in x}
     cooldown = [rows[s]["lr"] for s in range(stop["step"] + 1, res.steps + 1)]
     assert rows[stop["step"]]["lr"] == pytest.approx(1e-2)  # stable phase of WSD at the stop, then linear decay
@@ -191,8 +194,8 @@ def _poison_training_loss_from(step: int, monkeypatch) -> None:
     """Make the training loss NaN from optimizer step `step` on (its backward then writes NaN grads)."""
     original = Trainer.setup
 
-    def setup(trainer):
-        original(trainer)
+    def setup(trainer, *args, **kwargs):
+        original(trainer, *args, **kwargs)
         forward = trainer.backend.forward
 
         def poisoned(**kw):

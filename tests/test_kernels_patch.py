@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 import transformers  # noqa: E402
 
-from unitrain.errors import UnitrainError  # noqa: E402
+from unitrain_kernels import KernelError  # noqa: E402
 from unitrain_kernels import KERNEL_NAMES, patch_model, patched_kernel, unpatch_model  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -258,16 +258,16 @@ def test_modes_and_errors(monkeypatch):
     model = tiny("Llama")
     report = patch_model(model, mode="off")
     assert not report.active and set(report.fallback) == set(KERNEL_NAMES)
-    with pytest.raises(UnitrainError, match="mode"):
+    with pytest.raises(KernelError, match="mode"):
         patch_model(model, mode="fast")
-    with pytest.raises(UnitrainError, match="unknown"):
+    with pytest.raises(KernelError, match="unknown"):
         patch_model(model, kernels=["layernorm"], mode="on")
     monkeypatch.delenv("TRITON_INTERPRET")
     if not torch.cuda.is_available():
         auto = patch_model(model, mode="auto")
         assert not auto.active and all("CUDA" in r[0] for r in auto.fallback.values())
         assert "fallback" in str(auto)
-        with pytest.raises(UnitrainError, match="kernels: on"):
+        with pytest.raises(KernelError, match="kernels: on"):
             patch_model(model, mode="on")
     assert all(patched_kernel(m) is None for m in model.modules())
 

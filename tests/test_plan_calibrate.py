@@ -22,39 +22,62 @@ def _spec():
     return ResourceSpec(1, 1, a.memory, parse_memory("256GiB"), a.name, a.peak_flops, a.mfu)
 
 
-def test_record_and_load_factors(tmp_path):
+def test_the_store_records_lists_and_resets(tmp_path):
     path = tmp_path / "cal.json"
-    f = calibrate.record_calibration("fp", {"activations": 100, "step_time": 2.0, "weights": 10},
-                                     {"activations": 110, "step_time": 3.0, "weights": 100}, path)
-    assert f == {"activations": 1.1, "step_time": 1.5}  # 10x is not a correction but a broken measurement
-    assert calibrate.factors_for("fp", path) == f
-    assert calibrate.factors_for("other", path) == {}
-    assert json.loads(path.read_text())["fp"]["measured"]["weights"] == 100
+    e = calibrate.record("fp", {"activations": 100, "step_time": 2.0, "weights": 10},
+                         {"activations": 110, "step_time": 3.0, "weights": 100}, "runs/a", path=path)
+    assert e.factors == {"activations": 1.1, "step_time": 1.5}  # 10x is not a correction but a broken measurement
+    assert calibrate.lookup("fp", path).factors == e.factors and calibrate.lookup("other", path) is None
+    stored = json.loads(path.read_text())
+    assert stored["version"] == calibrate.STORE_VERSION and stored["entries"]["fp"]["measured"]["weights"] == 100
+    assert stored["entries"]["fp"]["source"] == "runs/a" and stored["entries"]["fp"]["kind"] == "run"
+    calibrate.record("fp2", {"step_time": 1.0}, {"step_time": 1.2}, path=path, facts={"curve": {"a": 1.0}})
+    assert [x.key for x in calibrate.entries(path)] == ["fp", "fp2"]
+    assert calibrate.lookup("fp2", path).facts == {"curve": {"a": 1.0}}  # room for other measured facts
+    assert calibrate.reset("fp", path) == 1 and calibrate.lookup("fp", path) is None
+    assert calibrate.reset(None, path) == 1 and calibrate.entries(path) == []
 
 
-def test_later_plans_use_the_stored_factors(tmp_path, monkeypatch):
+def test_an_old_store_is_not_reused(tmp_path):
+    """Version-1 stores divided ZeRO's gradient buffers by a prediction without them (an inflated factor)."""
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps({"fp": {"factors": {"gradients": 1.9}}}))
+    assert calibrate.lookup("fp", path) is None
+
+
+def test_later_plans_use_the_stored_factors_and_say_so(tmp_path, monkeypatch):
     monkeypatch.setenv("UNITRAIN_CALIBRATION", str(tmp_path / "cal.json"))
     before = make_plan(_recipe(), _spec())
-    assert before.calibration is None and before.calibration_key
-    act = next(c for c in before.memory if c.name == "activations")
-    calibrate.record_calibration(before.calibration_key, {"activations": act.bytes, "step_time": before.step_time_s},
-                                 {"activations": act.bytes * 1.2, "step_time": before.step_time_s * 0.8})
+    assert before.calibration.factors == {} and before.calibration.key
+    act = before.memory.component("activations")
+    calibrate.record(before.calibration.key, {"activations": act.bytes, "step_time": before.compute.step_time_s},
+                     {"activations": act.bytes * 1.2, "step_time": before.compute.step_time_s * 0.8}, "runs/first")
     after = make_plan(_recipe(), _spec())
-    act2 = next(c for c in after.memory if c.name == "activations")
-    assert after.calibration == {"activations": 1.2, "step_time": 0.8}
+    act2 = after.memory.component("activations")
+    assert after.calibration.factors == {"activations": 1.2, "step_time": 0.8}
+    assert after.calibration.source == "runs/first" and after.calibration.time > 0
     assert abs(act2.bytes / act.bytes - 1.2) < 1e-6 and act2.inputs["calibration_factor"] == 1.2
-    assert abs(after.step_time_s / before.step_time_s - 0.8) < 1e-9
-    assert after.peak_memory > before.peak_memory
+    assert abs(after.compute.step_time_s / before.compute.step_time_s - 0.8) < 1e-9
+    assert after.memory.peak > before.memory.peak
+    # what the next measurement is divided by is the model's own prediction, not the corrected one
+    assert after.calibration.model == before.calibration.model
+    from unitrain.plan.report import plan_summary_lines
+
+    line = next(x for x in plan_summary_lines(after) if x.startswith("calibration applied"))
+    assert "activations ×1.2" in line and "runs/first" in line and "--reset" in line
 
 
-def test_apply_calibration_rescales_an_existing_plan(tmp_path, monkeypatch):
-    monkeypatch.setenv("UNITRAIN_CALIBRATION", str(tmp_path / "cal.json"))
-    plan = make_plan(_recipe(), _spec())
-    peak, t = plan.peak_memory, plan.step_time_s
-    calibrate.apply_calibration(plan, {"peak": 1.1, "step_time": 2.0})
-    assert plan.peak_memory == int(peak * 1.1) and plan.step_time_s == 2 * t
-    calibrate.apply_calibration(plan, {"peak": 1.1})  # applied once only
-    assert plan.peak_memory == int(peak * 1.1)
+def test_gradient_category_covers_zero_buffers():
+    """Measured gradients include ZeRO's partitions, buckets and offload staging: so does the prediction they are
+    divided by, and a gradients factor scales all of those components."""
+    from unitrain.plan.schema import MemoryComponent
+
+    comps = [MemoryComponent("gradients", 100, ""), MemoryComponent("comm_buffers", 30, ""),
+             MemoryComponent("offload_staging", 5, ""), MemoryComponent("activations", 50, ""),
+             MemoryComponent("logits_loss", 80, "", {"saved": 20})]
+    pred = calibrate.predicted_categories(comps)
+    assert pred["gradients"] == 135 and pred["activations"] == 70 and pred["weights"] == 0
+    assert calibrate.component_scale({"gradients": 1.1}) == {n: 1.1 for n in calibrate.CATEGORIES["gradients"]}
 
 
 def test_cpu_measurement_calibrates_to_one(tmp_path, monkeypatch):
@@ -78,7 +101,7 @@ def test_cpu_measurement_calibrates_to_one(tmp_path, monkeypatch):
     measured = calibrate.measure_cpu_memory(model, {"input_ids": ids, "labels": ids}, optimizer=opt)
     measured = {k: v for k, v in measured.items() if k in ("weights", "gradients", "optimizer", "activations")} | \
         {"weights": measured["parameters"]}
-    factors = calibrate.record_calibration(plan.calibration_key, calibrate.predicted_from_plan(plan), measured)
+    factors = calibrate.record(plan.calibration.key, plan.calibration.model, measured).factors
     assert set(factors) == {"weights", "gradients", "optimizer", "activations"}
     assert all(abs(f - 1) < 0.001 for f in factors.values()), factors
 
@@ -104,6 +127,35 @@ def test_a_run_records_calibration_and_the_next_plan_uses_it(tiny_recipe, capsys
     assert set(stored["factors"]) >= {"weights", "activations"}
     assert stored["factors"]["weights"] == pytest.approx(1.0, abs=0.01)  # CPU accounting is exact
     after = make_plan(r)
-    assert after.calibration  # the stored factors were applied
+    assert after.calibration.factors == stored["factors"]  # the stored factors were applied
+    assert after.calibration.source == str(r.run_dir.parent / "tiny-calibrate")
     if "step_time" in stored["factors"]:  # kept when within [0.25, 4] of the prediction (a sane measurement)
-        assert after.step_time_s == pytest.approx(before.step_time_s * stored["factors"]["step_time"], rel=0.05)
+        assert after.compute.step_time_s == pytest.approx(before.compute.step_time_s * stored["factors"]["step_time"],
+                                                          rel=1e-6)
+    # measuring again divides by the model's own prediction again: the factors do not compound or oscillate
+    assert main(["calibrate", str(path), "--steps", "5"]) == 0
+    again = json.loads((r.run_dir.parent / "tiny-calibrate" / "calibration.json").read_text())
+    assert again["predicted"] == stored["predicted"]
+    assert again["factors"]["weights"] == stored["factors"]["weights"]
+    assert main(["calibrate", "--list"]) == 0 and after.calibration.key in capsys.readouterr().out
+    assert main(["calibrate", "--reset"]) == 0 and make_plan(r).calibration.factors == {}
+
+
+def test_a_relaunch_after_calibration_executes_the_same_plan(tiny_recipe, monkeypatch):
+    """Calibration written during the first launch changes the *next* plan, not a relaunch of this run: resume
+    executes the stored plan.json, so the run continues under the plan its checkpoints were made with."""
+    from conftest import sigterm_after
+    from unitrain.plan.schema import Plan
+    from unitrain.train.run import run_recipe
+
+    r = tiny_recipe(**{"training.max_steps": 8, "output.save_every": 0})
+    with monkeypatch.context() as m:
+        sigterm_after(m, 5)  # past the calibration steps
+        first = run_recipe(r)
+    assert first.exit_code == 143 and (first.run_dir / "calibration.json").exists()
+    stored = Plan.load(first.run_dir / "plan.json")
+    assert stored.calibration.factors == {}
+    assert make_plan(r).calibration.factors  # a fresh plan now would be calibrated (and so differ) ...
+    resumed = run_recipe(r)
+    assert resumed.exit_code == 0 and resumed.steps == stored.length.steps
+    assert Plan.load(first.run_dir / "plan.json") == stored  # ... the relaunch executed the stored one

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from unitrain.plan import compute
-from unitrain.plan.schema import Strategy
+from unitrain.plan.schema import Execution
 from unitrain.plan.shape import KNOWN_CONFIGS, shape_from_config
 from unitrain.resources import ResourceSpec, lookup_accelerator
 
@@ -27,7 +27,7 @@ def test_flops_per_token_by_hand():
 
 
 def test_step_time_scales_with_batch_and_ranks():
-    st = Strategy(method="full", micro_batch_size=4, grad_accum=4, dtype="bfloat16")
+    st = Execution(method="full", micro_batch_size=4, grad_accum=4, dtype="bfloat16")
     f = compute.flops_per_token(S8, "full", 2048)
     one = compute.step_time(S8, st, 2048, 16, f, spec(1), S8.total_params)
     two = compute.step_time(S8, st, 2048, 32, f, spec(1), S8.total_params)
@@ -39,15 +39,15 @@ def test_step_time_scales_with_batch_and_ranks():
 
 def test_offload_zero3_and_qlora_cost_time():
     f = compute.flops_per_token(S8, "full", 2048)
-    base = Strategy(method="full", zero_stage=3, micro_batch_size=1, grad_accum=8, dtype="bfloat16")
+    base = Execution(method="full", zero_stage=3, micro_batch_size=1, grad_accum=8, dtype="bfloat16")
     t0 = compute.step_time(S8, base, 2048, 64, f, spec(8), S8.total_params)
-    off = Strategy(**{**base.__dict__, "offload_optimizer": True, "offload_params": True})
+    off = Execution(**{**base.__dict__, "offload_optimizer": True, "offload_params": True})
     t1 = compute.step_time(S8, off, 2048, 64, f, spec(8), S8.total_params)
     assert t1.offload > 0 and t1.total > t0.total
-    z2 = Strategy(**{**base.__dict__, "zero_stage": 2})
+    z2 = Execution(**{**base.__dict__, "zero_stage": 2})
     assert compute.step_time(S8, z2, 2048, 64, f, spec(8), S8.total_params).communication < t0.communication
-    lo = Strategy(method="lora", micro_batch_size=4, grad_accum=1, dtype="bfloat16")
-    ql = Strategy(method="qlora", micro_batch_size=4, grad_accum=1, dtype="bfloat16")
+    lo = Execution(method="lora", micro_batch_size=4, grad_accum=1, dtype="bfloat16")
+    ql = Execution(method="qlora", micro_batch_size=4, grad_accum=1, dtype="bfloat16")
     fl = compute.flops_per_token(S8, "lora", 2048)
     ratio = compute.step_time(S8, ql, 2048, 4, fl, spec(), 1).total / compute.step_time(S8, lo, 2048, 4, fl, spec(), 1).total
     assert abs(ratio - 1 / compute.QLORA_SLOWDOWN) < 1e-9

@@ -8,7 +8,7 @@ import pytest
 
 from unitrain.plan.memory import (NF4_BYTES, nf4_bytes, LoraSpec, activation_bytes, estimate_memory, optimizer_state_bytes,
                                   precision_for, trainable_tensors, zero_partitions)
-from unitrain.plan.schema import Strategy
+from unitrain.plan.schema import Execution
 from unitrain.plan.shape import KNOWN_CONFIGS, shape_from_config
 
 TINY = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
@@ -24,7 +24,7 @@ def test_full_fp32_layer_activations_by_hand():
     shape = shape_from_config(TINY)
     b, s = 2, 24
     T, h, hq, hkv, inter, heads = b * s, 64, 64, 32, 176, 4
-    st = Strategy(method="full", micro_batch_size=b, dtype="float32")
+    st = Execution(method="full", micro_batch_size=b, dtype="float32")
     act = activation_bytes(shape, b, s, st, precision_for(st, on_cpu=True), LoraSpec())
     norms = 2 * (4 * T * h + 4 * T + 4 * T * h)  # fp32 input, rstd, normalised output (weight trains)
     attention = 4 * T * (2 * hq + 2 * hkv) + 4 * b * heads * s  # q, k, v (kv heads), out, logsumexp
@@ -37,12 +37,12 @@ def test_full_fp32_layer_activations_by_hand():
 
 def test_checkpointing_keeps_layer_inputs_only():
     shape = shape_from_config(TINY)
-    st = Strategy(method="full", micro_batch_size=2, dtype="float32", checkpointing="full")
+    st = Execution(method="full", micro_batch_size=2, dtype="float32", checkpointing="full")
     p = precision_for(st, on_cpu=True)
     act = activation_bytes(shape, 2, 24, st, p, LoraSpec())
     assert act["layers"] == 0 and act["checkpoint_inputs"] == 2 * 48 * 64 * 4
     every2 = activation_bytes(shape_from_config(dict(TINY, num_hidden_layers=5)), 2, 24,
-                              Strategy(method="full", micro_batch_size=2, dtype="float32", checkpointing=2), p,
+                              Execution(method="full", micro_batch_size=2, dtype="float32", checkpointing=2), p,
                               LoraSpec())
     assert every2["n_ckpt"] == 3  # layers 0, 2, 4
 
@@ -52,36 +52,36 @@ def test_zero_stages_follow_the_zero_paper():
     psi, N = shape.total_params, 8
     for stage, w, g, o in ((1, 2 * psi, 2 * psi, 12 * psi / N), (2, 2 * psi, 2 * psi / N, 12 * psi / N),
                            (3, 2 * psi / N, 2 * psi / N, 12 * psi / N)):
-        st = Strategy(method="full", zero_stage=stage, dtype="bfloat16", micro_batch_size=1)
+        st = Execution(method="full", zero_stage=stage, dtype="bfloat16", micro_batch_size=1)
         c = comps(estimate_memory(shape, st, 1024, N, N, on_cpu=False))
         assert (c["weights"].bytes, c["gradients"].bytes, c["optimizer"].bytes) == (int(w), int(g), int(o))
         # DeepSpeed's step casts the gradient partition to fp32: a 4 B copy (ZeRO-1/2), or replacing the freed
         # 16-bit gradient per 1e9-element sub-group (ZeRO-3)
         assert c["step_temporaries"].bytes == int(4 * psi / N if stage < 3 else 2 * min(psi / N, 1e9))
     # No ZeRO on CUDA: fp32 weights + autocast, fp32 grads, fp32 Adam moments.
-    c = comps(estimate_memory(shape, Strategy(method="full", dtype="bfloat16"), 1024, 1, 1, on_cpu=False))
+    c = comps(estimate_memory(shape, Execution(method="full", dtype="bfloat16"), 1024, 1, 1, on_cpu=False))
     assert (c["weights"].bytes, c["gradients"].bytes, c["optimizer"].bytes) == (4 * psi, 4 * psi, 8 * psi)
 
 
 def test_offload_moves_states_to_cpu_and_counts_cpu_memory():
     shape = shape_from_config(KNOWN_CONFIGS["meta-llama/Llama-3.1-8B"])
     psi = shape.total_params
-    st = Strategy(method="full", zero_stage=3, offload_optimizer=True, offload_params=True, dtype="bfloat16")
+    st = Execution(method="full", zero_stage=3, offload_optimizer=True, offload_params=True, dtype="bfloat16")
     est = estimate_memory(shape, st, 1024, 8, 8, on_cpu=False)
     c = comps(est)
     assert c["optimizer"].device == c["weights"].device == c["gradients"].device == "cpu"
     assert est.cpu_needed >= 8 * (12 + 4 + 2) * psi // 8
-    on_gpu = estimate_memory(shape, Strategy(method="full", zero_stage=3, dtype="bfloat16"), 1024, 8, 8, False)
+    on_gpu = estimate_memory(shape, Execution(method="full", zero_stage=3, dtype="bfloat16"), 1024, 8, 8, False)
     assert est.peak < on_gpu.peak
 
 
 def test_eight_bit_optimizer_state_bytes():
     shape = shape_from_config(TINY)
-    st = Strategy(optimizer="adamw8bit")
+    st = Execution(optimizer="adamw8bit")
     n, _ = optimizer_state_bytes(shape, st, [10_000, 100], master=False)
     # small tensors keep fp32 state; two shared 256-entry fp32 quantization maps
     assert n == 2 * 10_000 + 2 * 4 * math.ceil(10_000 / 256) + 8 * 100 + 2 * 256 * 4
-    n, _ = optimizer_state_bytes(shape, Strategy(optimizer="adamw"), [10_000], master=True)
+    n, _ = optimizer_state_bytes(shape, Execution(optimizer="adamw"), [10_000], master=True)
     assert n == 12 * 10_000
 
 
@@ -96,11 +96,11 @@ def test_eight_bit_states_over_zero_partitions():
     big = shape_from_config(KNOWN_CONFIGS["meta-llama/Llama-3.1-8B"])
     parts = zero_partitions(big, "full", LoraSpec(), 2, 3)  # ZeRO-3: sub-groups of at most 1e9 elements
     assert max(parts) == 1_000_000_000 and sum(parts) == pytest.approx(big.total_params / 2, abs=2)
-    st = Strategy(method="full", zero_stage=2, optimizer="adamw8bit")
+    st = Execution(method="full", zero_stage=2, optimizer="adamw8bit")
     opt = comps(estimate_memory(shape, st, 64, 2, 2, on_cpu=True))["optimizer"]
     m, v = math.ceil((psi_t - vectors) / 2), vectors // 2  # v = 160 < 4096: fp32 moments
     assert opt.bytes == 4 * (m + v) + 2 * m + 2 * 4 * math.ceil(m / 256) + 8 * v + 2 * 256 * 4
-    adamw = comps(estimate_memory(shape, Strategy(method="full", zero_stage=2), 64, 2, 2, on_cpu=True))["optimizer"]
+    adamw = comps(estimate_memory(shape, Execution(method="full", zero_stage=2), 64, 2, 2, on_cpu=True))["optimizer"]
     assert opt.bytes < 0.55 * adamw.bytes  # ~6 B instead of 12 B per trainable parameter and rank
 
 
@@ -110,12 +110,12 @@ def test_zero2_offload_host_buffers():
     shape = shape_from_config(KNOWN_CONFIGS["meta-llama/Llama-3.1-8B"])
     psi, largest = shape.total_params, shape.vocab_size * shape.hidden_size  # untied: embedding = lm_head size
     for accum, copies in ((1, 1), (4, 2)):
-        st = Strategy(method="full", zero_stage=2, offload_optimizer=True, dtype="bfloat16", grad_accum=accum)
+        st = Execution(method="full", zero_stage=2, offload_optimizer=True, dtype="bfloat16", grad_accum=accum)
         c = comps(estimate_memory(shape, st, 1024, 8, 8, on_cpu=False))
         assert c["offload_buffers"].device == "cpu" and c["offload_staging"].device == "gpu"
         assert c["offload_buffers"].bytes == int(2 * (copies * psi / 8 + largest))
         assert c["offload_staging"].bytes == 2 * largest
-    z3 = comps(estimate_memory(shape, Strategy(method="full", zero_stage=3, offload_optimizer=True,
+    z3 = comps(estimate_memory(shape, Execution(method="full", zero_stage=3, offload_optimizer=True,
                                                dtype="bfloat16"), 1024, 8, 8, on_cpu=False))
     assert "offload_buffers" not in z3  # stage 3 offloads through its own sub-group buffers
 
@@ -123,7 +123,7 @@ def test_zero2_offload_host_buffers():
 def test_qlora_weights_are_nf4_plus_fp32_rest():
     shape = shape_from_config(KNOWN_CONFIGS["meta-llama/Llama-3.1-70B"])
     lin = shape.num_layers * shape.linear_params_per_layer
-    est = estimate_memory(shape, Strategy(method="qlora", dtype="bfloat16"), 1024, 1, 1, on_cpu=False)
+    est = estimate_memory(shape, Execution(method="qlora", dtype="bfloat16"), 1024, 1, 1, on_cpu=False)
     w = comps(est)["weights"].bytes
     assert abs(w - (lin * NF4_BYTES + (shape.total_params - lin) * 4)) < 1e-4 * w  # + per-tensor tables
     assert abs(NF4_BYTES * 8 - 4.127) < 0.001
@@ -132,9 +132,9 @@ def test_qlora_weights_are_nf4_plus_fp32_rest():
 
 def test_fused_cross_entropy_removes_the_logits():
     shape = shape_from_config(KNOWN_CONFIGS["meta-llama/Llama-3.1-8B"])
-    base = Strategy(method="lora", dtype="bfloat16", micro_batch_size=4)
+    base = Execution(method="lora", dtype="bfloat16", micro_batch_size=4)
     plain = comps(estimate_memory(shape, base, 2048, 1, 1, on_cpu=False))["logits_loss"].bytes
-    fused = comps(estimate_memory(shape, Strategy(**{**base.__dict__, "kernels": ["fused_ce"]}), 2048, 1, 1,
+    fused = comps(estimate_memory(shape, Execution(**{**base.__dict__, "kernels": ["fused_ce"]}), 2048, 1, 1,
                                   on_cpu=False))["logits_loss"].bytes
     T, V = 4 * 2048, shape.vocab_size
     assert plain >= 14 * T * V  # fp32 log-probs + fp32 grads + held bf16 logits
@@ -143,7 +143,7 @@ def test_fused_cross_entropy_removes_the_logits():
 
 def test_peak_is_resident_plus_larger_phase_plus_overhead():
     shape = shape_from_config(KNOWN_CONFIGS["HuggingFaceTB/SmolLM2-135M"])
-    est = estimate_memory(shape, Strategy(method="full", dtype="bfloat16", micro_batch_size=2), 512, 1, 1, False)
+    est = estimate_memory(shape, Execution(method="full", dtype="bfloat16", micro_batch_size=2), 512, 1, 1, False)
     gpu = [c for c in est.components if c.device == "gpu" and c.name != "overhead"]
     always = sum(c.bytes for c in gpu if c.inputs["phase"] == "always")
     fwd = sum(c.bytes for c in gpu if c.inputs["phase"] == "fwd_bwd")
@@ -175,7 +175,7 @@ def test_predictions_match_exact_cpu_accounting(method, ckpt):
     ids = torch.randint(0, 1000, (2, 24))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], foreach=False)
     meas = measure_cpu_memory(model, {"input_ids": ids, "labels": ids}, optimizer=opt)
-    st = Strategy(method=method, checkpointing=ckpt, micro_batch_size=2, dtype="float32")
+    st = Execution(method=method, checkpointing=ckpt, micro_batch_size=2, dtype="float32")
     est = estimate_memory(shape_from_config(TINY), st, 24, 1, 0, on_cpu=True, lora=LoraSpec(8, 0.05))
     c = comps(est)
     assert meas["parameters"] == c["weights"].bytes + (c["adapters"].bytes if method == "lora" else 0)

@@ -25,16 +25,16 @@ def test_print_plan_shows_every_component_and_the_peak(tmp_path, monkeypatch):
     console = Console(record=True, width=160)
     print_plan(plan, console)
     text = console.export_text()
-    for c in plan.memory:
+    for c in plan.memory.components:
         assert c.name in text
-    assert "peak" in text and "rejected alternatives" in text and "FLOPs/token" in text and "█" in text
+    assert "peak" in text and "rejected alternatives" in text and "FLOPs/slot" in text and "█" in text
 
 
 def test_summary_lines_and_json_round_trip(tmp_path, monkeypatch):
     plan = _plan(tmp_path, monkeypatch)
     lines = plan_summary_lines(plan)
     assert lines[0].startswith("plan: full") and any(line.strip().startswith("weights") for line in lines)
-    assert any(line.startswith("length:") and str(plan.max_steps) in line for line in lines)
+    assert any(line.startswith("length:") and str(plan.length.steps) in line for line in lines)
     plan.save(tmp_path / "plan.json")
     again = Plan.load(tmp_path / "plan.json")
     assert again.to_dict() == plan.to_dict()

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from unitrain.errors import MissingPackageError, PlanError
-from unitrain.plan import DataStats, make_plan, search
+from unitrain.errors import MissingPackageError, PlanError, UnitrainError
+from unitrain.plan import DataStats, Plan, make_plan, search
 from unitrain.recipe import validate
 from unitrain.resources import ResourceSpec, lookup_accelerator, parse_budget, parse_memory
 
@@ -39,12 +39,12 @@ def test_lora_8b_on_24gib_fits_its_own_prediction_fast():
     t = time.perf_counter()
     plan = make_plan(recipe(), spec())
     assert time.perf_counter() - t < 1.0
-    assert plan.strategy.method == "lora" and plan.peak_memory <= plan.usable_memory
-    assert plan.strategy.micro_batch_size * plan.strategy.grad_accum * plan.world_size == plan.global_batch_size
-    assert plan.strategy.dtype == "bfloat16" and "fused_ce" in plan.strategy.kernels
-    names = {c.name for c in plan.memory}
+    assert plan.execution.method == "lora" and plan.memory.peak <= plan.memory.usable
+    assert plan.execution.micro_batch_size * plan.execution.grad_accum * plan.world_size == plan.global_batch_size
+    assert plan.execution.dtype == "bfloat16" and "fused_ce" in plan.execution.kernels
+    names = {c.name for c in plan.memory.components}
     assert {"weights", "gradients", "optimizer", "activations", "logits_loss", "overhead"} <= names
-    assert all(c.formula and c.inputs for c in plan.memory)
+    assert all(c.formula and c.inputs for c in plan.memory.components)
     assert plan.rejected and all(r["reason"] for r in plan.rejected)
 
 
@@ -54,10 +54,10 @@ def test_lora_8b_on_24gib_fits_its_own_prediction_fast():
                                                    ("meta-llama/Llama-3.1-70B", "qlora", 1, "80GiB")])
 def test_a_feasible_plan_fits_its_prediction(model, method, gpus, mem):
     plan = make_plan(recipe(model, method, gbs=32), spec(gpus, mem, "H100"))
-    assert plan.peak_memory <= plan.usable_memory
-    assert plan.predicted_allocated < plan.peak_memory
-    gpu = sum(c.bytes for c in plan.memory if c.device == "gpu")
-    assert plan.peak_memory <= gpu  # the two phases never count together
+    assert plan.memory.peak <= plan.memory.usable
+    assert plan.memory.allocated_peak < plan.memory.peak
+    gpu = sum(c.bytes for c in plan.memory.components if c.device == "gpu")
+    assert plan.memory.peak <= gpu  # the two phases never count together
 
 
 def test_more_memory_never_lowers_throughput():
@@ -65,17 +65,17 @@ def test_more_memory_never_lowers_throughput():
     speeds = []
     for mem in ("12GiB", "16GiB", "24GiB", "40GiB", "80GiB", "141GiB"):
         plan = make_plan(r, spec(1, mem, "H100", cpu="512GiB"))
-        speeds.append(plan.tokens_per_step / plan.step_time_s)
+        speeds.append(plan.length.slots_per_step / plan.compute.step_time_s)
     assert speeds == sorted(speeds)
     assert speeds[-1] > speeds[0]
 
 
 def test_explicit_choices_are_kept():
     r = recipe(training__micro_batch_size=1, training__gradient_checkpointing="full", training__optimizer="adamw8bit")
-    s = make_plan(r, spec(1, "80GiB", "H100")).strategy
+    s = make_plan(r, spec(1, "80GiB", "H100")).execution
     assert (s.micro_batch_size, s.grad_accum, s.checkpointing, s.optimizer, s.zero_stage) == (1, 16, "full",
                                                                                                 "adamw8bit", 0)
-    s = make_plan(recipe(method="full", strategy__zero_stage=2), spec(8, "80GiB", "H100")).strategy
+    s = make_plan(recipe(method="full", strategy__zero_stage=2), spec(8, "80GiB", "H100")).execution
     assert s.zero_stage == 2 and s.method == "full"
 
 
@@ -84,28 +84,28 @@ def test_zero_with_8bit_adam_when_memory_is_tight():
     tight = spec(8, "24GiB", "A10G", cpu="32GiB")
     auto = make_plan(recipe(method="full", gbs=32), tight)
     fp32 = make_plan(recipe(method="full", gbs=32, training__optimizer="adamw"), tight)
-    assert (auto.strategy.zero_stage, auto.strategy.optimizer, auto.strategy.offload_optimizer) == (3, "adamw8bit", False)
-    assert fp32.strategy.optimizer == "adamw" and fp32.strategy.micro_batch_size < auto.strategy.micro_batch_size
-    assert auto.tokens_per_step / auto.step_time_s > fp32.tokens_per_step / fp32.step_time_s
+    assert (auto.execution.zero_stage, auto.execution.optimizer, auto.execution.offload_optimizer) == (3, "adamw8bit", False)
+    assert fp32.execution.optimizer == "adamw" and fp32.execution.micro_batch_size < auto.execution.micro_batch_size
+    assert auto.length.slots_per_step / auto.compute.step_time_s > fp32.length.slots_per_step / fp32.compute.step_time_s
     roomy = make_plan(recipe(method="full", gbs=32), spec(8, "80GiB", "H100", cpu="2TiB"))
-    assert roomy.strategy.optimizer == "adamw"  # equally fast: the simpler optimizer wins the tie
+    assert roomy.execution.optimizer == "adamw"  # equally fast: the simpler optimizer wins the tie
     with pytest.raises(PlanError, match="offload_optimizer"):
         make_plan(recipe(method="full", training__optimizer="adamw8bit", strategy__offload_optimizer=True), tight)
 
 
 def test_method_list_is_an_ordered_preference():
     r = recipe("meta-llama/Llama-3.2-1B", ["full", "lora"], seq=1024)
-    assert make_plan(r, spec(1, "80GiB", "H100")).strategy.method == "full"
-    assert make_plan(r, spec(1, "8GiB", "L4", cpu="16GiB")).strategy.method == "lora"  # no room to offload
+    assert make_plan(r, spec(1, "80GiB", "H100")).execution.method == "full"
+    assert make_plan(r, spec(1, "8GiB", "L4", cpu="16GiB")).execution.method == "lora"  # no room to offload
 
 
 def test_cpu_plans_fp32_without_deepspeed_or_kernels():
     r = recipe("HuggingFaceTB/SmolLM2-135M", "lora", seq=256, gbs=4)
     cpu = ResourceSpec(0, 1, 64 * GiB, 64 * GiB, "CPU", 50e9, 0.5)
-    s = make_plan(r, cpu).strategy
+    s = make_plan(r, cpu).execution
     assert (s.dtype, s.zero_stage, s.kernels) == ("float32", 0, [])
-    assert make_plan(recipe(training__kernels="on"), spec(1, "24GiB")).strategy.kernels
-    assert make_plan(r, spec(1, "16GiB", "V100")).strategy.dtype == "float16"
+    assert make_plan(recipe(training__kernels="on"), spec(1, "24GiB")).execution.kernels
+    assert make_plan(r, spec(1, "16GiB", "V100")).execution.dtype == "float16"
 
 
 def test_global_batch_must_divide_over_ranks():
@@ -118,7 +118,7 @@ def test_global_batch_must_divide_over_ranks():
 def test_missing_packages_are_skipped_or_refused(monkeypatch):
     monkeypatch.setattr(search, "has_package", lambda name: name not in ("deepspeed", "bitsandbytes"))
     plan = make_plan(recipe(method="full", model="meta-llama/Llama-3.2-1B"), spec(2, "80GiB", "H100"))
-    assert plan.strategy.zero_stage == 0 and plan.strategy.optimizer == "adamw"
+    assert plan.execution.zero_stage == 0 and plan.execution.optimizer == "adamw"
     assert any("unitrain[deepspeed]" in n for n in plan.notes)
     with pytest.raises(MissingPackageError, match=r"pip install 'unitrain\[deepspeed\]'"):
         make_plan(recipe(strategy__zero_stage=2), spec())
@@ -135,7 +135,7 @@ def test_offload_beyond_cpu_memory_is_refused():
     r = recipe(method="full", strategy__offload_optimizer=True, training__gradient_checkpointing="full")
     with pytest.raises(PlanError, match="CPU memory"):
         make_plan(r, spec(1, "24GiB", cpu="32GiB"))
-    assert make_plan(r, spec(1, "24GiB", cpu="256GiB")).strategy.offload_optimizer
+    assert make_plan(r, spec(1, "24GiB", cpu="256GiB")).execution.offload_optimizer
 
 
 def test_nothing_fits_says_smallest_footprint_and_what_would():
@@ -151,20 +151,41 @@ def test_nothing_fits_says_smallest_footprint_and_what_would():
 def test_length_rules():
     r = recipe(gbs=16, seq=1024, training__max_steps=123)
     p = make_plan(r, spec())
-    assert (p.max_steps, p.warmup_steps, p.cooldown_steps) == (123, math.ceil(0.05 * 123), math.ceil(0.2 * 123))
+    assert (p.length.steps, p.length.warmup, p.length.cooldown) == (123, math.ceil(0.05 * 123), math.ceil(0.2 * 123))
+    assert p.length.rule == "max_steps"
     p = make_plan(recipe(gbs=16, seq=1024), spec(budget="1e17"))
-    assert p.max_steps == int(1e17 // p.flops_per_step) and p.total_flops <= 1e17
+    assert p.length.steps == int(1e17 // p.compute.flops_per_step) and p.length.rule == "budget"
+    assert p.length.steps * p.compute.flops_per_step <= 1e17 and p.budget.kind == "flops"
     p = make_plan(recipe(gbs=16, seq=1024), spec(budget="10M tokens"))
-    assert p.max_steps == 10_000_000 // (16 * 1024)
+    assert p.length.steps == 10_000_000 // (16 * 1024)
     p = make_plan(recipe(gbs=16, seq=1024), spec(budget="2h"))
-    assert p.max_steps == int(2 * 3600 / p.step_time_s)
-    data = DataStats(n_examples=900, total_tokens=900_000, n_sequences=1000, seq_len=1024)
+    assert p.length.steps == int(2 * 3600 / p.compute.step_time_s)
+    data = DataStats(n_examples=900, total_tokens=900_000, n_sequences=1000, seq_len=1024,
+                     train_lengths=[900] * 1000, cleaned=True)
     p = make_plan(recipe(gbs=16, seq=1024, training__epochs=2.0), spec(), data_stats=data)
-    assert p.max_steps == math.ceil(2 * 1000 / 16) and abs(p.epochs - p.max_steps * 16 / 1000) < 1e-9
+    assert p.length.steps == math.ceil(2 * 1000 / 16) and p.length.rule == "epochs"
+    assert p.data.epochs == pytest.approx(p.length.steps * 16 * 900 / 900_000)  # tokens over unique tokens
     p = make_plan(recipe(gbs=16, seq=1024), spec(budget="1e20"), data_stats=data)
-    assert p.max_steps == 4 * 1000 // 16 and any("4 epochs" in n for n in p.notes)
+    assert p.length.steps == 4 * 1000 // 16 and p.length.rule == "epoch_cap" and any("4 epochs" in n for n in p.notes)
+    assert p.budget.unspent > 0.9e20 and "4 epochs" in p.budget.unspent_reason  # left unspent, and why
     p = make_plan(recipe(gbs=16, seq=1024), spec(budget="1e16"), data_stats=data)
-    assert p.data["policy"] == "select" and p.data["fraction"] < 1
+    assert p.data.policy == "select" and p.data.subset_tokens == p.data.train_tokens < p.data.unique_tokens
+
+
+def test_slots_and_tokens_are_counted_apart():
+    """FLOPs are charged on slots (a micro-batch is trimmed to its longest sequence, padding included); data on real
+    tokens. Short unpacked examples: a step forwards far fewer than G × seq_len slots, and more slots than tokens."""
+    lengths = [100] * 90 + [1000] * 10
+    data = DataStats(n_examples=100, total_tokens=sum(lengths), n_sequences=100, seq_len=1024,
+                     train_lengths=lengths, cleaned=True)
+    p = make_plan(recipe(gbs=16, seq=1024, training__micro_batch_size=4), spec(budget="1e17"), data_stats=data)
+    L = p.length
+    assert L.tokens_per_step == pytest.approx(16 * sum(lengths) / 100)
+    e_max = 1000 * (1 - 0.9 ** 4) + 100 * 0.9 ** 4  # E[max of 4]: 1000 unless all four are short
+    assert L.slots_per_step == pytest.approx(16 * e_max)
+    assert L.tokens_per_step < L.slots_per_step < 16 * 1024
+    assert p.compute.flops_per_step == pytest.approx(p.compute.flops_per_slot * L.slots_per_step)
+    assert p.data.train_tokens == int(L.steps * L.tokens_per_step)
 
 
 def test_budget_length_reserves_the_evals():
@@ -172,23 +193,71 @@ def test_budget_length_reserves_the_evals():
     GPU-hour budget: the planned steps plus their evals fit it, one more step would not."""
     r = recipe(gbs=16, seq=1024, training__eval_every=10)
     data = DataStats(n_examples=90_000, total_tokens=90_000_000, n_sequences=100_000, seq_len=1024,
-                     eval_tokens=400_000)
-    bare = make_plan(r, spec(budget="1e17"), data_stats=DataStats(**{**data.__dict__, "eval_tokens": 0}))
+                     eval_lengths=[1000] * 400, cleaned=True)
+    bare = make_plan(r, spec(budget="1e17"), data_stats=DataStats(**{**data.__dict__, "eval_lengths": []}))
     p = make_plan(r, spec(budget="1e17"), data_stats=data)
-    per_eval = p.flops_per_token / 3 * 400_000
+    mb = p.execution.micro_batch_size
+    assert p.evals.slots == 400 * 1000 and p.evals.sequences == 400 and p.evals.batch_size == mb
+    per_eval = p.evals.flops
+    assert per_eval == p.compute.forward_flops_per_slot * 400_000
 
     def cost(n):
-        return n * p.flops_per_step + (2 + (n - 1) // 10) * per_eval
-    assert cost(p.max_steps) <= 1e17 < cost(p.max_steps + 1)
-    assert p.max_steps < bare.max_steps == int(1e17 // p.flops_per_step)
+        return n * p.compute.flops_per_step + (2 + (n - 1) // 10) * per_eval
+    assert cost(p.length.steps) <= 1e17 < cost(p.length.steps + 1)
+    assert p.evals.count == 2 + (p.length.steps - 1) // 10
+    assert p.budget.split["evals"] == pytest.approx(p.evals.count * per_eval)
+    assert p.length.steps < bare.length.steps == int(1e17 // p.compute.flops_per_step)
     assert any("− evals" in n for n in p.notes)
     hours = make_plan(r, spec(budget="2h"), data_stats=data)
-    assert hours.max_steps < int(2 * 3600 / hours.step_time_s)
+    assert hours.length.steps < int(2 * 3600 / hours.compute.step_time_s)
     tokens = make_plan(r, spec(budget="10M tokens"), data_stats=data)  # a token budget counts training tokens
-    assert tokens.max_steps == 10_000_000 // (16 * 1024)
+    assert tokens.length.steps == 10_000_000 // (16 * 1024)
     capped = make_plan(recipe(gbs=16, seq=1024, training__eval_every=10, training__eval_max_batches=1),
                        spec(budget="1e17"), data_stats=data)
-    assert p.max_steps < capped.max_steps <= bare.max_steps
+    assert capped.evals.sequences == capped.execution.micro_batch_size
+    assert p.length.steps < capped.length.steps <= bare.length.steps
+
+
+@pytest.mark.parametrize("method,ckpt", [("lora", "off"), ("lora", "full"), ("full", "full"), ("full", "off")])
+def test_an_eval_costs_a_forward_from_the_compute_model(method, ckpt):
+    """The eval charge is one forward (2·Ψmm + 2·Ψlora + 4·L·hq·s per slot), whatever the method and the
+    recomputation: for LoRA it is about half of the 4Ψ step, with full checkpointing less than a third of it."""
+    from unitrain.plan import compute
+    from unitrain.plan.shape import model_shape
+
+    r = recipe("meta-llama/Llama-3.2-1B", method=method, gbs=16, seq=1024, training__gradient_checkpointing=ckpt)
+    data = DataStats(n_examples=900, total_tokens=900_000, n_sequences=1000, seq_len=1024,
+                     eval_lengths=[1024] * 64, cleaned=True)
+    p = make_plan(r, spec(1, "80GiB", "H100"), data_stats=data)
+    shape = model_shape(r.model)
+    lora = p.model.trainable_params if method == "lora" else 0
+    assert p.compute.forward_flops_per_slot == compute.forward_flops_per_token(shape, 1024, lora)
+    assert p.evals.flops == p.evals.slots * p.compute.forward_flops_per_slot
+    ratio = p.compute.forward_flops_per_slot / p.compute.flops_per_slot
+    expected = {("lora", "off"): (0.45, 0.55), ("lora", "full"): (0.3, 0.36), ("full", "off"): (0.3, 0.34),
+                ("full", "full"): (0.23, 0.26)}[method, ckpt]
+    assert expected[0] < ratio < expected[1], ratio  # never the old flat 1/3
+
+
+def test_plan_round_trips_exactly(tmp_path):
+    data = DataStats(n_examples=900, total_tokens=900_000, n_sequences=1000, seq_len=1024,
+                     train_lengths=[900] * 1000, eval_lengths=[1000] * 10, cleaned=True)
+    for r, s in [(recipe(gbs=16, seq=1024), spec(budget="1e16")),
+                 (recipe("meta-llama/Llama-3.1-8B", "full", gbs=64), spec(8, "80GiB", "H100", budget="5h"))]:
+        p = make_plan(r, s, data_stats=data)
+        p.save(tmp_path / "plan.json")
+        q = Plan.load(tmp_path / "plan.json")
+        assert q == p and q.to_json() == p.to_json()
+        assert q.resources.on_cpu is p.resources.on_cpu and q.budget.typed == p.budget.typed
+
+
+def test_a_plan_from_another_schema_is_a_clear_error(tmp_path):
+    (tmp_path / "old.json").write_text('{"strategy": {}, "max_steps": 3}')
+    with pytest.raises(UnitrainError, match="schema version 1"):
+        Plan.load(tmp_path / "old.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UnitrainError, match="not valid JSON"):
+        Plan.load(tmp_path / "bad.json")
 
 
 def test_budget_too_small_for_one_step():

@@ -76,12 +76,12 @@ def test_budgeted_select_is_deterministic_and_explains_every_drop(slice_recipe, 
         rep["details"].pop("seconds")
     assert rep_a == rep_b
     assert rep_a["n_records"] == N_ROWS + 2 and rep_a["policy"] == "select_clean_random"
-    assert rep_a["details"]["seed"] == recipe.training.seed and rep_a["epochs"] == 1.0
+    assert rep_a["details"]["seed"] == recipe.training.seed and "epochs" not in rep_a
     dropped = _explains_every_drop(a, rep_a)
     why = Counter(d["why"] for d in dropped.values())
-    assert why["exact_duplicate"] == 1 and why["too_long"] >= 1 and why["not_selected"] > N_ROWS / 2
-    # 8k tokens = 7 steps of 4 × 256-token slots; the subset holds what those slots carry, no more.
-    assert 0.5 * 7 * 4 * 256 < rep_a["tokens_kept"] <= 7 * 4 * 256
+    assert why["exact_duplicate"] == 1 and why["too_long"] >= 1 and why["not_selected"] > N_ROWS / 3
+    # a token budget counts real tokens: the planned steps carry at most 8k of them, and the subset holds those
+    assert 0.5 * 8000 < rep_a["tokens_kept"] <= 8000 + 256
     other, rep_other = _select(path, tmp_path / "c.jsonl", "--budget", "8k tokens", "--encoder", "none",
                                "training.seed=1")
     assert rep_other["policy"] == "select_clean_random"
@@ -92,8 +92,7 @@ def test_budget_beyond_the_data_keeps_all_clean_data_and_repeats_it(slice_recipe
     (a, b), make = slice_recipe
     _, path = make()
     subset, rep = _select(path, tmp_path / "all.jsonl", "--budget", "1M tokens", "--encoder", "none")
-    assert rep["policy"] == "keep_all_repeat" and 1 < rep["epochs"] <= 4
-    assert "data is scarce" in rep["reason"]
+    assert rep["policy"] == "keep_all" and "covers the clean data" in rep["reason"]
     dropped = _explains_every_drop(subset, rep)
     assert {d["why"] for d in dropped.values()} <= FILTER_REASONS | DUP_REASONS  # nothing clean is left out
     by_index = {r["index"]: r for r in subset}
@@ -117,10 +116,11 @@ def test_run_path_picks_the_cli_subset_and_it_fits_the_plan(slice_recipe, tmp_pa
     assert rep["policy"] == "select_clean_random"
     tokenizer = M.load_tokenizer(recipe.model, recipe.base_dir)
     tok = pipeline.tokenize_data(recipe, tokenizer)
-    plan = make_plan(recipe, data_stats=pipeline.data_stats(tok, recipe, tokenizer.pad_token_id))
-    keep, info = choose_subset(tok, recipe, plan)
+    cleaning = pipeline.clean(tok, recipe)
+    plan = make_plan(recipe, data_stats=pipeline.data_stats(tok, recipe, tokenizer.pad_token_id, cleaning))
+    keep, info = choose_subset(tok, cleaning, recipe, plan)
     assert keep == [r["index"] for r in subset] and info["policy"] == rep["policy"]
     # Unpacked, the 10 planned steps reach 40 examples. The budget is in real tokens, so a random draw of
     # examples matches it to within an example or two; sized by slot tokens (10 × 4 × 256) it held ~55.
-    steps_hold = plan.max_steps * plan.global_batch_size
+    steps_hold = plan.length.steps * plan.global_batch_size
     assert 0.85 * steps_hold <= len(keep) <= 1.1 * steps_hold

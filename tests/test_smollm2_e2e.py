@@ -27,4 +27,4 @@ def test_quickstart_recipe_lora_improves_held_out_loss_and_exports(smollm2_dir, 
     cfg = json.loads((final / "adapter_config.json").read_text())
     assert cfg["r"] == 16 and (final / "tokenizer_config.json").exists()
     plan = json.loads((res.run_dir / "plan.json").read_text())
-    assert plan["strategy"]["method"] == "lora" and plan["model"]["params"] > 130e6
+    assert plan["execution"]["method"] == "lora" and plan["model"]["params"] > 130e6

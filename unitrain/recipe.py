@@ -64,6 +64,8 @@ class DataConfig:
     system_prompt: Optional[str] = _doc("System message for chat-templated formats.", default=None)
     chat_template: bool = _doc("Use the tokenizer's chat template for supervised formats when it has one.",
                                default=True)
+    clean: bool = _doc("Before planning, drop over-long or truncated examples and exact/near duplicates (rows that "
+                       "cannot train are always dropped and counted).", default=True)
     select: bool = _doc("Score and select a subset when the budget affords less than all the data.",
                         default=True)
     select_encoder: Optional[str] = _doc(
@@ -108,7 +110,8 @@ class TrainingConfig:
                                    default=1.0)
     max_grad_norm: float = _doc("Gradient clipping norm (0 disables).", default=1.0)
     eval_every: int = _doc("Evaluate every N optimizer steps (0 = only at the end).", default=50)
-    eval_max_batches: Optional[int] = _doc("Cap eval batches per evaluation.", default=None)
+    eval_max_batches: Optional[int] = _doc("Cap eval batches per rank per evaluation (the first ones of the eval "
+                                           "split).", default=None)
     exact_match_examples: int = _doc("Held-out examples scored by greedy generation + exact match before and "
                                      "after training (supervised formats; 0 = off).", default=0)
     exact_match_max_new_tokens: int = _doc("Generation length for exact match.", default=48)

@@ -123,7 +123,10 @@ def lookup_accelerator(name: str) -> Accelerator:
 
 @dataclass
 class ResourceSpec:
-    """What one job may use. Memory in bytes; budget optional (then the recipe's steps/epochs rule)."""
+    """What one job may use. Memory in bytes; budget optional (then the recipe's steps/epochs rule).
+
+    `on_cpu` is the one answer to "is this a CPU run?" (then gpus_per_node counts processes and gpu_memory is
+    the memory one process may use); everything downstream reads it from the plan's resources."""
 
     gpus_per_node: int
     nodes: int
@@ -133,20 +136,18 @@ class ResourceSpec:
     peak_flops: float
     mfu: float
     budget: Optional[Budget] = None
+    on_cpu: Optional[bool] = None  # None: decided here, from the GPU count and the accelerator
+
+    def __post_init__(self):
+        if self.on_cpu is None:
+            self.on_cpu = self.gpus_per_node == 0 or self.accelerator == "CPU"
 
     @property
     def world_size(self) -> int:
         return max(1, self.gpus_per_node) * self.nodes
 
-    @property
-    def on_cpu(self) -> bool:
-        """CPU training: gpus_per_node then counts processes (0 or 1 = a single process)."""
-        return self.gpus_per_node == 0 or self.accelerator == "CPU"
-
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["budget"] = None if self.budget is None else {"kind": self.budget.kind, "value": self.budget.value}
-        return d
+        return asdict(self)
 
 
 def _cpu_memory() -> int:

@@ -40,13 +40,21 @@ class Sequences:
         return int((self.labels[:, 1:] != IGNORE).sum())
 
     def batch(self, index: np.ndarray | list[int]) -> dict[str, torch.Tensor]:
-        """Sequences at `index`, trimmed to the longest real length in the batch."""
+        """Sequences at `index`, trimmed to the longest real length in the batch: the model inputs.
+
+        No attention mask: padding is on the right and attention is causal, so no real token ever attends to a
+        padded position (and padded positions carry no loss). Without a mask SDPA takes its causal kernel —
+        FlashAttention on GPU — and materialises no b·w² mask (measured on CPU: +0.38 MB for 2 × 126 slots with
+        a mask, on a 2-layer model)."""
         index = np.asarray(index)
         width = max(1, int(self.lengths[index].max()))
         ids = torch.from_numpy(self.input_ids[index, :width].astype(np.int64))
         labels = torch.from_numpy(self.labels[index, :width].astype(np.int64))
-        mask = torch.arange(width)[None, :] < torch.from_numpy(self.lengths[index].astype(np.int64))[:, None]
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask.long()}
+        return {"input_ids": ids, "labels": labels}
+
+    def real_tokens(self, index: np.ndarray | list[int]) -> int:
+        """Non-pad tokens of the sequences at `index`."""
+        return int(self.lengths[np.asarray(index)].sum())
 
 
 def _to_arrays(rows: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> Sequences:

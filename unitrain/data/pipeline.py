@@ -1,11 +1,16 @@
-"""The data half of the flow: load -> tokenize -> stats for the planner -> subset -> pack."""
+"""The data half of the flow: load -> tokenize -> clean (cached scan) -> stats for the planner -> subset -> pack.
+
+Cleaning runs before planning, so the plan's unique-token count is the clean one; the selector afterwards only
+ranks the clean pool and fills the tokens the plan decided (plan.data).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from unitrain.data.load import TokenizedData, load_examples
+from unitrain.data.load import TokenizedData, default_cache_dir, load_examples
 from unitrain.data.pack import Sequences, pack_examples, pack_text
+from unitrain.data.select import Cleaning, clean_pool
 from unitrain.plan.schema import DataStats
 
 
@@ -17,7 +22,7 @@ class PreparedData:
     format: str
     stats: DataStats
     skipped: dict
-    subset: dict = field(default_factory=dict)  # the selection decision (policy, reason, kept/dropped counts)
+    subset: dict = field(default_factory=dict)  # the selection outcome (policy, reason, kept/dropped counts)
 
 
 def pack(examples: list[dict], fmt: str, seq_len: int, pad_id: int, packing: bool) -> Sequences:
@@ -29,13 +34,28 @@ def tokenize_data(recipe, tokenizer) -> TokenizedData:
     return load_examples(recipe.data, tokenizer, recipe.training.seed, recipe.base_dir)
 
 
-def data_stats(tok: TokenizedData, recipe, pad_id: int) -> DataStats:
+def clean(tok: TokenizedData, recipe) -> Cleaning:
+    """Filters and exact/near duplicates over the training records, cached beside the tokenization cache
+    (data.clean=false keeps every row that can train)."""
+    return clean_pool(tok.train_records, seq_len=recipe.data.max_length, filters=recipe.data.clean,
+                      cache_dir=default_cache_dir(recipe.data).parent / "cleaning")
+
+
+def data_stats(tok: TokenizedData, recipe, pad_id: int, cleaning: Cleaning | None = None) -> DataStats:
+    """What the planner needs, over the clean pool when `cleaning` is given (else the raw examples)."""
     d = recipe.data
-    seqs = pack(tok.train, tok.format, d.max_length, pad_id, d.packing)
-    return DataStats(n_examples=len(tok.train), total_tokens=sum(r["n_tokens"] for r in tok.train),
-                     n_sequences=len(seqs), seq_len=d.max_length,
-                     supervised_tokens=sum(r["n_loss_tokens"] for r in tok.train),
-                     eval_tokens=sum(r["n_tokens"] for r in tok.eval))
+    rows = tok.train if cleaning is None else [tok.train[i] for i in cleaning.clean]
+    seqs = pack(rows, tok.format, d.max_length, pad_id, d.packing)
+    ev = pack(tok.eval, tok.format, d.max_length, pad_id, d.packing) if tok.eval else None
+    dropped: dict = {}
+    for v in (cleaning.dropped.values() if cleaning is not None else ()):
+        dropped[v["why"]] = dropped.get(v["why"], 0) + 1
+    return DataStats(n_examples=len(rows), total_tokens=sum(r["n_tokens"] for r in rows), n_sequences=len(seqs),
+                     seq_len=d.max_length, supervised_tokens=sum(r["n_loss_tokens"] for r in rows),
+                     eval_tokens=sum(r["n_tokens"] for r in tok.eval),
+                     train_lengths=seqs.lengths.tolist(), eval_lengths=ev.lengths.tolist() if ev is not None else [],
+                     cleaned=cleaning is not None, raw_examples=len(tok.train),
+                     raw_tokens=sum(r["n_tokens"] for r in tok.train), dropped=dropped)
 
 
 def finalize(tok: TokenizedData, recipe, pad_id: int, keep: list[int] | None = None,

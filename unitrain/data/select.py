@@ -5,14 +5,13 @@ Cheap signals first, in this order; each example gets the first reason that remo
   2. format filters — `empty`, `too_long` (supervised, > seq_len), `truncated_answer` (score.py);
   3. `exact_duplicate` (normalised hash) and `near_duplicate` (MinHash, shingle Jaccard ≥ 0.8 of
      the whole example) — the later copy goes, its report names the kept one.
-What survives is the *clean* data, T_clean tokens. With a token budget B the policy is:
+What survives is the *clean* data, T_clean tokens: `clean_pool` does this part alone, as a pure scan cached
+by content (the planner sizes the run on the clean count). The planner then decides how many tokens the run
+trains on and how many the subset holds (plan.data.subset_tokens, epochs included); the selector only ranks
+and fills that many tokens. With a token budget B:
 
-- **keep_all_repeat** (B ≥ T_clean: data is scarce). Keep every clean example and repeat it
-  epochs = min(B / T_clean, max_epochs) times: repeated data is worth nearly as much as fresh data
-  up to ~4 epochs (Muennighoff et al. 2023), so between 1 and max_epochs passes nothing is thrown
-  away (a subset repeated more often would be worth less than all of it repeated less). When
-  B > max_epochs·T_clean the data cannot use the budget; the reason says how many tokens stay unused.
-- **select** (B < T_clean: data is abundant), one pass (epochs = 1), fraction ρ = B / T_clean:
+- **keep_all** (B ≥ T_clean, or no budget): every clean example; the plan repeats them as often as it decided.
+- **select** (B < T_clean: data is abundant), fraction ρ = B / T_clean:
   * soft redundancy goes last: the same question asked again (prompt Jaccard ≥ 0.8 with a
     different answer; a prompt shared by ≥ 5 examples is a template and exempt) and semantic
     duplicates (embedding cosine ≥ 0.95 within a k-means cluster). They are kept while data is
@@ -28,9 +27,8 @@ What survives is the *clean* data, T_clean tokens. With a token budget B the pol
     (**select_with_hard**). Without embeddings or model scores: **select_clean_random**.
   * model signals (loss, IFD) are bought only when they cost ≤ 10% of the FLOP budget (see
     score.model_signals_pay: with the trained model as scorer they never do, Yin & Rush 2024).
-    Then ≤ 2·B tokens of candidates are drawn by cheap signals and scored; all selector FLOPs
-    (embedding + scoring) are charged: B' = B · (1 − selector_flops / budget_flops).
-- **keep_all** (no budget): every clean example, one pass.
+    Then ≤ 2·B tokens of candidates are drawn by cheap signals and scored. Every selector FLOP
+    (embedding + scoring) is reported in `selector_flops` and charged to the run's budget.
 
 Deterministic for a seed (k-means init, tie-breaks and the training order all come from it).
 """
@@ -38,8 +36,10 @@ Deterministic for a seed (k-means init, tie-breaks and the training order all co
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -61,8 +61,7 @@ EMBED_CANDIDATE_FACTOR = 4.0  # embed at most 4× the tokens the budget keeps (a
 
 @dataclass
 class Selection:
-    indices: list[int]  # kept record indices, in training order (a seeded shuffle); epochs repeat them
-    epochs: float
+    indices: list[int]  # kept record indices, in training order (a seeded shuffle)
     policy: str
     reason: str
     # index -> {"why", "of": the kept index it duplicates or None, "score"}; score is the Jaccard
@@ -85,7 +84,7 @@ class Selection:
                 q = np.quantile(a, [0, 0.1, 0.5, 0.9, 1])
                 dist[k] = {"n": int(len(a)), "mean": float(a.mean()), "min": float(q[0]), "p10": float(q[1]),
                            "p50": float(q[2]), "p90": float(q[3]), "max": float(q[4])}
-        return {"policy": self.policy, "reason": self.reason, "epochs": self.epochs,
+        return {"policy": self.policy, "reason": self.reason,
                 "n_records": self.details.get("n_records"), "n_kept": len(self.indices),
                 "tokens_kept": self.tokens_kept, "dropped_by_reason": dict(Counter(d["why"] for d in self.dropped.values())),
                 "skipped": dict(self.skipped), "selector_flops": self.selector_flops, "details": self.details,
@@ -153,73 +152,122 @@ def _stratified_order(tokens: np.ndarray, labels: np.ndarray, priority: np.ndarr
     return np.lexsort((rng.random(len(tokens)), share, tier))
 
 
-def select_subset(records: list[dict], token_budget: int | None, *, seq_len: int, seed: int,
-                  max_epochs: float = 4.0, encoder: str | None = "default", model_scorer: Callable | None = None,
-                  scorer_flops_per_token: float | None = None, budget_flops: float | None = None,
-                  batch_size: int = 1, embed_max_tokens: int | None = None,
-                  cache_dir: str | Path | None = None) -> Selection:
-    """Choose the training subset for `token_budget` tokens (see the module docstring for the policy).
+CLEAN_VERSION = 1  # bump when clean_pool's output changes: invalidates cached scans
 
-    `batch_size`: sequences per optimizer step; fewer usable examples than that is an error.
-    `cache_dir`: where embeddings are cached (keyed by encoder and texts), None = no cache.
-    """
-    details: dict = {"n_records": len(records), "seq_len": seq_len, "token_budget": token_budget, "seed": seed}
+
+@dataclass
+class Cleaning:
+    """The cheap-signal scan: which records survive, and why every other one does not."""
+
+    clean: list[int]  # surviving record indices, in record order
+    dropped: dict[int, dict]  # index -> {"why", "of", "score"[, "on"]}
+    skipped: dict[str, int]  # bad rows by kind
+    tokens: int  # real tokens of the clean records
+    details: dict = field(default_factory=dict)
+
+
+def _scan_key(records: list[dict], seq_len: int, filters: bool) -> str:
+    h = hashlib.blake2b(f"{CLEAN_VERSION}|{seq_len}|{filters}|{len(records)}".encode(), digest_size=16)
+    for r in records:
+        fields = [r.get(k) for k in ("prompt", "response", "n_tokens", "truncated")] if isinstance(r, dict) else [r]
+        h.update(hashlib.blake2b(json.dumps(fields, default=repr).encode("utf-8", "surrogatepass"),
+                                 digest_size=8).digest())
+    return h.hexdigest()
+
+
+def clean_pool(records: list[dict], *, seq_len: int, filters: bool = True,
+               cache_dir: str | Path | None = None) -> Cleaning:
+    """Bad rows, format filters, exact and near duplicates (module doc, steps 1-3): a pure function of the
+    records and seq_len, cached as JSON in `cache_dir` (keyed by their content) so a run's planning and its
+    relaunches scan once. `filters=False` drops only the rows that cannot train (step 1)."""
+    key = _scan_key(records, seq_len, filters)
+    cache = Path(cache_dir).expanduser() / f"clean-{key}.json" if cache_dir else None
+    if cache is not None and cache.exists():
+        try:
+            d = json.loads(cache.read_text())
+            return Cleaning(d["clean"], {int(k): v for k, v in d["dropped"].items()}, d["skipped"], d["tokens"],
+                            d["details"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a damaged cache entry: scan again
+    details: dict = {"n_records": len(records), "seq_len": seq_len}
     with _timed(details, "read_and_filter"):
         rows, bad = score.read_rows(records)
         dropped: dict[int, dict] = {i: {"why": why, "of": None, "score": None} for i, why in bad.items()}
         skipped = dict(Counter(bad.values()))
-        if len(rows) < max(1, batch_size):
-            raise DataError(f"data selection: only {len(rows)} usable example(s) of {len(records)} "
-                            f"({skipped or 'none'} skipped), fewer than one batch of {batch_size}. Add data or "
-                            f"lower training.global_batch_size.")
-        n = len(records)
-        tokens_of = {r.index: r.n_tokens for r in rows}
-        scores = {"n_tokens": [float(tokens_of.get(i, math.nan)) for i in range(n)]}
-        rule = score.truncation_rule(rows)
+        rule = score.truncation_rule(rows) if filters else ("none", None)
         details["truncation_rule"] = {"kind": rule[0], "marker": rule[1]}
         survivors = []
         for r in rows:
-            why = score.format_filter(r, seq_len=seq_len, rule=rule)
+            why = score.format_filter(r, seq_len=seq_len, rule=rule) if filters else None
             if why:
                 dropped[r.index] = {"why": why, "of": None, "score": float(r.n_tokens) if why == "too_long" else None}
             else:
                 survivors.append(r)
     with _timed(details, "exact_duplicates"):
-        exact = dedup.exact_duplicates((r.index, r.text) for r in survivors)
+        exact = dedup.exact_duplicates((r.index, r.text) for r in survivors) if filters else {}
     for i, j in exact.items():
         dropped[i] = {"why": "exact_duplicate", "of": j, "score": 1.0}
     survivors = [r for r in survivors if r.index not in exact]
     with _timed(details, "near_duplicates"):
-        near = dedup.near_duplicates(((r.index, r.text) for r in survivors), threshold=NEAR_DUP_JACCARD)
+        near = dedup.near_duplicates(((r.index, r.text) for r in survivors), threshold=NEAR_DUP_JACCARD) \
+            if filters else {}
     for i, (j, jac) in near.items():
         dropped[i] = {"why": "near_duplicate", "of": j, "score": round(jac, 4), "on": "text"}
     clean = [r for r in survivors if r.index not in near]
-    del survivors
+    out = Cleaning([r.index for r in clean], dropped, skipped, sum(r.n_tokens for r in clean), details)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"clean": out.clean, "dropped": {str(k): v for k, v in dropped.items()},
+                                   "skipped": skipped, "tokens": out.tokens, "details": details}))
+        tmp.replace(cache)  # complete or absent
+    return out
+
+
+def select_subset(records: list[dict], token_budget: int | None, *, seq_len: int, seed: int,
+                  encoder: str | None = "default", model_scorer: Callable | None = None,
+                  scorer_flops_per_token: float | None = None, budget_flops: float | None = None,
+                  batch_size: int = 1, embed_max_tokens: int | None = None,
+                  cache_dir: str | Path | None = None, cleaning: Cleaning | None = None) -> Selection:
+    """Fill `token_budget` tokens (one pass) with the best-ranked clean examples (see the module docstring).
+
+    `cleaning`: a `clean_pool` result for these records (scanned once before planning); computed when None.
+    `batch_size`: sequences per optimizer step; fewer usable examples than that is an error.
+    `cache_dir`: where embeddings are cached (keyed by encoder and texts), None = no cache.
+    """
+    if cleaning is None:
+        cleaning = clean_pool(records, seq_len=seq_len)
+    details: dict = {**cleaning.details, "token_budget": token_budget, "seed": seed}
+    dropped = {i: dict(d) for i, d in cleaning.dropped.items()}
+    skipped = dict(cleaning.skipped)
+    rows, _ = score.read_rows(records)
+    by_index = {r.index: r for r in rows}
+    n = len(records)
+    tokens_of = {r.index: r.n_tokens for r in rows}
+    scores = {"n_tokens": [float(tokens_of.get(i, math.nan)) for i in range(n)]}
+    usable = len(rows)
+    if usable < max(1, batch_size):
+        raise DataError(f"data selection: only {usable} usable example(s) of {len(records)} "
+                        f"({skipped or 'none'} skipped), fewer than one batch of {batch_size}. Add data or "
+                        f"lower training.global_batch_size.")
+    clean = [by_index[i] for i in cleaning.clean]
     if len(clean) < max(1, batch_size):
         raise DataError(f"data selection: {len(clean)} clean example(s) remain of {len(records)} after removing "
                         f"{dict(Counter(d['why'] for d in dropped.values()))}, fewer than one batch of {batch_size}. "
                         f"Add data, raise data.max_length, or lower training.global_batch_size.")
-    t_clean = sum(r.n_tokens for r in clean)
+    t_clean = cleaning.tokens
     details.update(clean_examples=len(clean), clean_tokens=t_clean)
     rng = np.random.default_rng(seed)
 
-    def done(kept: list[int], epochs: float, policy: str, reason: str, flops: float = 0.0) -> Selection:
+    def done(kept: list[int], policy: str, reason: str, flops: float = 0.0) -> Selection:
         kept = [kept[k] for k in rng.permutation(len(kept))]
-        return Selection(kept, float(epochs), policy, reason, dropped, sum(tokens_of[i] for i in kept),
-                         scores, skipped, flops, details, records)
+        return Selection(kept, policy, reason, dropped, sum(tokens_of[i] for i in kept), scores, skipped, flops,
+                         details, records)
 
-    if token_budget is None:
-        return done([r.index for r in clean], 1.0, "keep_all",
-                    f"no token budget: all {len(clean):,} clean examples ({t_clean:,} tokens), one pass")
-    if token_budget >= t_clean:
-        epochs = min(token_budget / t_clean, max_epochs)
-        unused = token_budget - epochs * t_clean
-        reason = (f"data is scarce: budget {token_budget:,} tokens ≥ clean data {t_clean:,} tokens, so all "
-                  f"{len(clean):,} clean examples are kept and repeated {epochs:.2f}× (repeats are worth nearly "
-                  f"as much as fresh data up to ~{max_epochs:g} epochs)")
-        if unused > 0:
-            reason += f"; capped at {max_epochs:g} epochs, {unused:,.0f} budget tokens stay unused"
-        return done([r.index for r in clean], epochs, "keep_all_repeat", reason)
+    if token_budget is None or token_budget >= t_clean:
+        why = "no token budget" if token_budget is None else \
+            f"the budget of {token_budget:,} tokens covers the clean data ({t_clean:,} tokens)"
+        return done([r.index for r in clean], "keep_all", f"{why}: all {len(clean):,} clean examples")
     return _select(records, clean, token_budget, t_clean, rng, done, dropped, scores, details, seed=seed,
                    batch_size=batch_size,
                    encoder=encoder, embed_max_tokens=embed_max_tokens, cache_dir=cache_dir, model_scorer=model_scorer,
@@ -311,9 +359,8 @@ def _select(records, clean, budget, t_clean, rng, done, dropped, scores, details
             pool = cand[np.isfinite(signal[cand])]
             difficulty = signal
 
-    if budget_flops is not None and flops:
-        budget = int(budget * max(0.0, 1 - flops / budget_flops))
-        notes.append(f"selector FLOPs {flops:.3g} charged: {budget:,} training tokens remain")
+    if flops:
+        notes.append(f"selector FLOPs {flops:.3g}, charged to the run's budget")
     priority = np.zeros(m)
     if difficulty is None:
         policy, priority = "select_clean_random", rng.random(m)
@@ -347,7 +394,7 @@ def _select(records, clean, budget, t_clean, rng, done, dropped, scores, details
                                      f"the {OUTLIER_SHARE:.0%} most atypical"}[policy]
               + (f"; {len(redundant):,} redundant examples go last" if redundant else "")
               + "".join(f"; {x}" for x in notes))
-    return done(kept, 1.0, policy, reason, flops)
+    return done(kept, policy, reason, flops)
 
 
 @contextlib.contextmanager

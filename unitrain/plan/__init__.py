@@ -1,104 +1,74 @@
 """The planner: recipe + resources + model shape (+ data statistics) -> Plan. Pure: no CUDA, no weights.
 
 `make_plan` is the one entry point the trainer and the CLI call. The search is in search.py (with its
-tie-breaks), the memory model in memory.py, the compute model in compute.py.
+tie-breaks), the memory model in memory.py, the compute model in compute.py, the spending of the budget
+(length, data, evals) in allocate.py, the DeepSpeed engine config in deepspeed.py.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from unitrain.errors import PlanError
-from unitrain.plan import calibrate
-from unitrain.plan.memory import GiB
-from unitrain.plan.schema import DataStats, MemoryComponent, Plan, Strategy
+from unitrain.plan import allocate, calibrate, compute
+from unitrain.plan.deepspeed import engine_config
+from unitrain.plan.memory import GiB, LoraSpec, estimate_memory, precision_for
+from unitrain.plan.schema import (CalibrationUse, Compute, DataStats, Execution, Length, MemoryComponent,
+                                  MemoryPlan, ModelSummary, Plan)
 from unitrain.plan.search import Candidate, rejected_alternatives, usable_memory
 from unitrain.plan.search import search as run_search
 from unitrain.plan.shape import ModelShape, model_shape
 
-EPOCH_CAP = 4  # Muennighoff et al. 2023: repeated data is worth nearly as much as fresh up to ~4 epochs
-
-__all__ = ["make_plan", "Plan", "Strategy", "DataStats", "MemoryComponent", "ModelShape", "model_shape", "EPOCH_CAP"]
+__all__ = ["make_plan", "Plan", "Execution", "DataStats", "MemoryComponent", "ModelShape", "model_shape"]
 
 
-def _length(recipe, spec, best: Candidate, data: DataStats | None, seq_len: int, notes: list[str]) -> tuple[int, dict]:
-    """max_steps and the data decision, from (in priority) max_steps, the budget, epochs × data."""
+def _length(recipe, spec, best: Candidate, stats: DataStats | None, seq_len: int, evals, notes: list[str]):
+    """(Length, DataPlan, BudgetPlan, eval count), from (in priority) max_steps, the budget, epochs × data."""
     t = recipe.training
-    G = t.global_batch_size
-    flops_step = best.flops_per_token * G * seq_len
-    data_info: dict = {}
+    G, st = t.global_batch_size, best.strategy
+    slots, tokens = allocate.step_units(stats, G, st.micro_batch_size, seq_len)
+    flops_step = best.flops_per_token * slots
+    costs = allocate.unit_costs(spec.budget, flops_step, best.time.total, spec.world_size, tokens, evals.flops)
+    capped_from = None
     if t.max_steps:
-        steps = t.max_steps
+        steps, rule = t.max_steps, "max_steps"
         notes.append(f"length: training.max_steps = {steps}")
     elif spec.budget is not None:
-        b = spec.budget
-        if b.kind == "flops":
-            per_step, unit = flops_step, f"{flops_step:.3g} FLOPs"
-        elif b.kind == "gpu_hours":
-            per_step = best.time.total * spec.world_size / 3600
-            unit = f"{per_step:.3g} GPU-hours"
-        else:  # a token budget counts training tokens only
-            per_step, unit = G * seq_len, f"{G * seq_len} tokens"
-        # One eval forwards the eval split once: 1/3 of a training step's cost per token (no backward), charged
-        # at step 0, every eval_every steps and at the end, as the governor charges it.
-        eval_tokens = data.eval_tokens if data is not None and b.kind != "tokens" else 0
-        if eval_tokens and t.eval_max_batches:
-            eval_tokens = min(eval_tokens, t.eval_max_batches * best.strategy.micro_batch_size * spec.world_size
-                              * seq_len)
-        per_eval = per_step * eval_tokens / (3 * G * seq_len)
-
-        def cost(n: int) -> float:
-            evals = 2 + (n - 1) // t.eval_every if t.eval_every else 2
-            return n * per_step + evals * per_eval
-
-        steps = max(0, int((b.value - 2 * per_eval) / (per_step + (per_eval / t.eval_every if t.eval_every else 0))))
-        while steps > 0 and cost(steps) > b.value:
-            steps -= 1
-        while cost(steps + 1) <= b.value:
-            steps += 1
-        if steps < 1:
-            evals = f" plus two evals of {per_eval:.3g} each" if per_eval else ""
-            raise PlanError(f"resources.budget={b} is too small for a single optimizer step, which costs {unit}"
-                            f"{evals} (global batch {G} × {seq_len} tokens); raise the budget, e.g. resources.budget="
-                            f"{_budget_example(b.kind, unit)}, or lower training.global_batch_size")
-        if per_eval:
-            spent = cost(steps) - steps * per_step
-            notes.append(f"length: budget {b} − evals {spent:.3g} ({spent / b.value:.1%}; "
-                         f"{eval_tokens} tokens each, a forward only) / {unit} per step = {steps} steps")
-        else:
-            notes.append(f"length: budget {b} / {unit} per step = {steps} steps")
-        if data is not None and data.n_sequences:
-            cap = max(1, math.floor(EPOCH_CAP * data.n_sequences / G))
-            if steps > cap:
-                notes.append(f"capped at {EPOCH_CAP} epochs ({cap} steps): repeating data beyond ~4 epochs pays "
-                             f"little (Muennighoff et al. 2023); the rest of the budget is left unspent")
-                steps = cap
-    elif data is not None and data.n_sequences:
+        steps, note = allocate.length_from_budget(spec.budget, costs, evals.every, G, seq_len)
+        selection = allocate.data_decision(recipe, stats, steps * tokens, spec.budget).selection_flops
+        if selection and spec.budget.kind == "flops":  # the selector's embeddings come out of the same budget
+            rest = replace(spec.budget, value=spec.budget.value - selection)
+            steps, note = allocate.length_from_budget(rest, costs, evals.every, G, seq_len)
+            note += f" (after ≈{selection:.3g} FLOPs of data selection)"
+        rule = "budget"
+        notes.append(note)
+        cap = allocate.epoch_cap(stats, G)
+        if cap is not None and steps > cap:
+            capped_from, steps, rule = steps, cap, "epoch_cap"
+            notes.append(f"capped at {allocate.MAX_EPOCHS:g} epochs ({cap} steps): repeating data beyond ~"
+                         f"{allocate.MAX_EPOCHS:g} epochs pays little (Muennighoff et al. 2023); the rest of the "
+                         f"budget is left unspent")
+    elif stats is not None and stats.n_sequences:
         epochs = t.epochs or 1.0
-        steps = max(1, math.ceil(epochs * data.n_sequences / G))
-        notes.append(f"length: {epochs:g} epochs × {data.n_sequences} sequences / global batch {G} = {steps} steps")
-        if epochs > EPOCH_CAP:
-            notes.append(f"training.epochs={epochs:g} is above {EPOCH_CAP}: returns from repeated data fall off "
-                         f"(Muennighoff et al. 2023); kept because it was set explicitly")
+        steps, rule = max(1, math.ceil(epochs * stats.n_sequences / G)), "epochs"
+        notes.append(f"length: {epochs:g} epochs × {stats.n_sequences} sequences / global batch {G} = {steps} steps")
+        if epochs > allocate.MAX_EPOCHS:
+            notes.append(f"training.epochs={epochs:g} is above {allocate.MAX_EPOCHS:g}: returns from repeated data "
+                         f"fall off (Muennighoff et al. 2023); kept because it was set explicitly")
     else:
-        steps = 0
+        steps, rule = 0, "unset"
         notes.append("length: set once the data is scanned (training.epochs × sequences / global batch); no "
                      "budget and no training.max_steps given")
-    if data is not None and data.n_sequences:
-        used = min(data.n_sequences, steps * G)
-        frac = used / data.n_sequences
-        policy = "all" if frac >= 1 else ("select" if recipe.data.select else "random")
-        data_info = {"n_examples": data.n_examples, "n_sequences": data.n_sequences, "total_tokens": data.total_tokens,
-                     "sequences_used": used, "fraction": round(frac, 4), "policy": policy,
-                     "reason": "the budget covers all the data" if frac >= 1 else
-                     f"the budget covers {frac:.1%} of the sequences; "
-                     + ("select the most useful subset (data.select)" if policy == "select" else "random subset")}
-    return steps, data_info
-
-
-def _budget_example(kind: str, unit: str) -> str:
-    v = float(unit.split()[0]) * 100
-    return {"flops": f"{v:.2g}", "gpu_hours": f"{v:.3g}h", "tokens": f"'{v:.3g} tokens'"}[kind]
+    warm = math.ceil(t.warmup_ratio * steps)
+    cool = math.ceil(t.cooldown_ratio * steps) if t.schedule == "wsd" else 0
+    length = Length(steps=steps, warmup=warm, cooldown=cool, schedule=t.schedule, rule=rule,
+                    slots_per_step=slots, tokens_per_step=tokens)
+    n_evals = allocate.eval_count(steps, evals.every) if evals.sequences else 0
+    data = allocate.data_decision(recipe, stats, steps * tokens, spec.budget)
+    budget = allocate.budget_plan(spec.budget, costs, steps, n_evals, capped_from,
+                                  data.selection_flops if spec.budget and spec.budget.kind == "flops" else 0.0)
+    return length, data, budget, n_evals, flops_step
 
 
 def _infeasible(recipe, spec, shape, cands: list[Candidate], seq_len: int, refusals: list[str]) -> PlanError:
@@ -138,8 +108,6 @@ def _infeasible(recipe, spec, shape, cands: list[Candidate], seq_len: int, refus
 
 
 def _more_gpus(recipe, spec, shape, seq_len: int) -> int | None:
-    from dataclasses import replace
-
     G = recipe.training.global_batch_size
     for n in (2, 4, 8, 16, 32, 64, 128):
         if n <= spec.world_size or G % n:
@@ -156,9 +124,25 @@ def _more_gpus(recipe, spec, shape, seq_len: int) -> int | None:
     return None
 
 
+def _cleaning_note(stats: DataStats) -> str:
+    kept, raw = stats.n_examples, stats.raw_examples
+    why = ", ".join(f"{k} {v}" for k, v in sorted(stats.dropped.items(), key=lambda kv: -kv[1]))
+    note = f"cleaning: {kept:,} of {raw:,} examples kept ({stats.total_tokens:,} of {stats.raw_tokens:,} tokens); dropped: {why}"
+    if stats.dropped.get("too_long", 0) > 0.1 * max(1, raw):
+        note += (f". Many examples are longer than data.max_length={stats.seq_len} (their answers would be cut): "
+                 f"raise data.max_length, or keep them with data.clean=false")
+    return note
+
+
+def _scale(factors: dict) -> dict:
+    """Calibration factors per category -> the memory model's per-component scale (+ step_time, peak)."""
+    return {**calibrate.component_scale(factors), **{k: factors[k] for k in ("step_time", "peak") if k in factors}}
+
+
 def make_plan(recipe, spec=None, model_config=None, data_stats: DataStats | None = None,
               world_size: int | None = None) -> Plan:
-    """Choose strategy, batch shape and length for `recipe` on `spec`. Raises PlanError when nothing fits."""
+    """Choose strategy, batch shape, length, data and evals for `recipe` on `spec`. Raises PlanError when
+    nothing fits."""
     from unitrain.resources import resolve_resources
 
     if spec is None:
@@ -168,20 +152,28 @@ def make_plan(recipe, spec=None, model_config=None, data_stats: DataStats | None
                         f"{spec.world_size} ranks; make resources.gpus_per_node × nodes match the launcher")
     shape = model_shape(recipe.model, model_config, recipe.base_dir)
     seq_len = data_stats.seq_len if data_stats is not None else recipe.data.max_length
-    dtype_key = "float32" if spec.on_cpu else "16bit"
-    keys = {m: calibrate.fingerprint(spec.accelerator, shape.name, shape.total_params, m, dtype_key)
+    precision_key = "float32" if spec.on_cpu else "16bit"
+    keys = {m: calibrate.fingerprint(spec.accelerator, shape.name, shape.total_params, m, precision_key)
             for m in recipe.methods}
-    scales = {m: calibrate.factors_for(k) for m, k in keys.items()}
+    stored = {m: calibrate.lookup(k) for m, k in keys.items()}
+    scales = {m: _scale(e.factors) if e else {} for m, e in stored.items()}
     best, cands, refusals = run_search(recipe, spec, shape, seq_len, scales)
     if best is None:
         raise _infeasible(recipe, spec, shape, cands, seq_len, refusals)
     notes: list[str] = list(refusals)
-    steps, data_info = _length(recipe, spec, best, data_stats, seq_len, notes)
     t = recipe.training
-    G = t.global_batch_size
-    st = best.strategy
-    warm = math.ceil(t.warmup_ratio * steps)
-    cool = math.ceil(t.cooldown_ratio * steps) if t.schedule == "wsd" else 0
+    lora = LoraSpec.of(recipe.method.lora)
+    st = replace(best.strategy, precision=precision_for(best.strategy, spec.on_cpu).name,
+                 world_size=spec.world_size, global_batch_size=t.global_batch_size, seq_len=seq_len)
+    st = replace(st, deepspeed=engine_config(st, hidden_size=shape.hidden_size, on_cpu=spec.on_cpu,
+                                             max_grad_norm=t.max_grad_norm))
+    lora_params = best.memory.trainable_params if st.method != "full" else 0
+    forward_fps = compute.forward_flops_per_token(shape, seq_len, lora_params)
+    evals = allocate.eval_plan(data_stats, recipe, st.micro_batch_size, spec.world_size, forward_fps)
+    length, data, budget, n_evals, flops_step = _length(recipe, spec, best, data_stats, seq_len, evals, notes)
+    evals = replace(evals, count=n_evals)
+    if data_stats is not None and data_stats.dropped:
+        notes.append(_cleaning_note(data_stats))
     if st.kernels:
         notes.append("kernels: fused RMSNorm/RoPE/SwiGLU and a chunked linear-cross-entropy (no b·s·V logits)"
                      + ("; LoRA layers as one GEMM with the low-rank update in its epilogue (same saved tensors)"
@@ -190,19 +182,28 @@ def make_plan(recipe, spec=None, model_config=None, data_stats: DataStats | None
                  "(allocator variance, other processes); predicted peak includes context and fragmentation")
     notes.append(f"step time: {best.time.compute:.3g} s compute at {best.time.mfu:.0%} MFU + "
                  f"{best.time.communication:.3g} s exposed communication + {best.time.offload:.3g} s offload")
-    flops_step = best.flops_per_token * G * seq_len
-    plan = Plan(strategy=st, world_size=spec.world_size, seq_len=seq_len, global_batch_size=G, max_steps=steps,
-                warmup_steps=warm, cooldown_steps=cool, tokens_per_step=G * seq_len,
-                flops_per_token=best.flops_per_token, flops_per_step=flops_step, step_time_s=best.time.total,
-                memory=best.memory.components, peak_memory=best.memory.peak,
-                usable_memory=usable_memory(spec.gpu_memory, spec.on_cpu), cpu_memory_needed=best.memory.cpu_needed,
-                resources=spec.to_dict(), budget=spec.to_dict()["budget"], total_flops=steps * flops_step,
-                total_tokens=steps * G * seq_len,
-                epochs=(steps * G / data_stats.n_sequences) if data_stats and data_stats.n_sequences else 0.0,
-                data=data_info, rejected=rejected_alternatives(best, cands, recipe.methods), notes=notes,
-                calibration=scales[st.method] or None, calibration_key=keys[st.method],
-                predicted_allocated=best.memory.allocated_peak,
-                model={"name": shape.name, "model_type": shape.model_type, "params": shape.total_params,
-                       "trainable_params": best.memory.trainable_params, "layers": shape.num_layers,
-                       "hidden_size": shape.hidden_size, "vocab_size": shape.vocab_size, "source": shape.source})
-    return plan
+    entry, scale = stored[st.method], scales[st.method]
+    # What later measurements are divided by: the model's own prediction, before any stored factor (dividing by
+    # a corrected prediction would store the residual and undo the correction on the next plan).
+    raw = estimate_memory(shape, best.strategy, seq_len, spec.world_size, spec.gpus_per_node, spec.on_cpu,
+                          lora) if scale else best.memory
+    raw_time = compute.step_time(shape, best.strategy, seq_len, t.global_batch_size, best.flops_per_token, spec,
+                                 raw.trainable_params).total if scale else best.time.total
+    raw_pred = calibrate.predicted_categories(raw.components, raw_time, raw.allocated_peak)
+    calib = CalibrationUse(key=keys[st.method], factors=dict(entry.factors) if entry else {},
+                           source=entry.source if entry else "", time=entry.time if entry else 0.0,
+                           model=raw_pred)
+    tm = best.time
+    return Plan(
+        model=ModelSummary(name=shape.name, model_type=shape.model_type, params=shape.total_params,
+                           trainable_params=best.memory.trainable_params, layers=shape.num_layers,
+                           hidden_size=shape.hidden_size, vocab_size=shape.vocab_size, source=shape.source),
+        resources=spec, execution=st, length=length,
+        compute=Compute(flops_per_slot=best.flops_per_token, forward_flops_per_slot=forward_fps,
+                        flops_per_step=flops_step, step_time_s=tm.total, compute_s=tm.compute,
+                        communication_s=tm.communication, offload_s=tm.offload, mfu=tm.mfu),
+        memory=MemoryPlan(components=best.memory.components, peak=best.memory.peak,
+                          allocated_peak=best.memory.allocated_peak,
+                          usable=usable_memory(spec.gpu_memory, spec.on_cpu), cpu_needed=best.memory.cpu_needed),
+        data=data, evals=evals, budget=budget, calibration=calib,
+        rejected=rejected_alternatives(best, cands, recipe.methods), notes=notes)

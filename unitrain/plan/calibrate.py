@@ -1,11 +1,19 @@
-"""Calibration: measured beats modelled (DESIGN.md, principle 4).
+"""Calibration: measured beats modelled (DESIGN.md, principle 4). One store, one mapping of categories.
 
-A few real steps measure peak memory and step time (the trainer does the measuring: on CUDA with
-torch.cuda.max_memory_allocated, on CPU with `measure_cpu_memory` below). `record_calibration` stores the
-ratio measured / predicted per component and for the step time, keyed by a hardware + model fingerprint,
-in ~/.cache/unitrain/calibration.json (or $UNITRAIN_CALIBRATION, or a path given); later plans for the same
-fingerprint scale their predictions by those factors (`factors_for`, used by the planner) and
-`apply_calibration` rescales an existing Plan.
+A few real steps measure memory per category and the step time (the trainer measures: train/memory_check.py on
+the first step, the median step time over the first steps). The store keeps, per key, what was measured next to
+what the model predicted *before* any correction, and their ratio; later plans for the same key scale their
+predictions by it (the plan lists what it applied and which run measured it).
+
+- Key: hardware × model × method × precision (`fingerprint`).
+- Entry: kind ("run": a training run's measurement; later work adds "trace", "curve"), source (the run
+  directory), time, predicted, measured, factors (measured / predicted, kept when in [0.25, 4]), facts (room for
+  other measured facts: traced memory, learning-curve priors).
+- Categories (`CATEGORIES`): what a measurement can see, mapped onto the plan's memory components in one place.
+  ZeRO's gradient partitions, buckets and offload staging are measured with the gradients, so they are
+  predicted with them too; a category's factor scales every component in it.
+- Location: ~/.cache/unitrain/calibration.json, or $UNITRAIN_CALIBRATION. `unitrain calibrate --list` shows it,
+  `unitrain calibrate --reset [KEY]` clears it.
 """
 
 from __future__ import annotations
@@ -13,108 +21,141 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from unitrain.plan.schema import Plan
-
-# Factors outside this range mean the model is badly wrong for this setup (or the measurement is): ignore them.
-_SANE = (0.25, 4.0)
+STORE_VERSION = 2
+_SANE = (0.25, 4.0)  # factors outside: the model is badly wrong for this setup (or the measurement is): ignore
+CATEGORIES = {  # measured category -> the plan's memory components it covers
+    "weights": ("weights", "adapters"),
+    "gradients": ("gradients", "comm_buffers", "offload_buffers", "offload_staging"),
+    "optimizer": ("optimizer",),
+    "activations": ("activations",),  # + the loss's saved log-probs, booked under logits_loss (see below)
+}
 
 
 def default_path() -> Path:
     return Path(os.environ.get("UNITRAIN_CALIBRATION", "~/.cache/unitrain/calibration.json")).expanduser()
 
 
-def fingerprint(accelerator: str, model_name: str, total_params: int, method: str, dtype: str) -> str:
-    """Hardware + model (+ method and dtype, which change what is kept) identify a calibration entry."""
-    return f"{accelerator}|{model_name or '?'}|{total_params}|{method}|{dtype}"
+def fingerprint(accelerator: str, model_name: str, total_params: int, method: str, precision: str) -> str:
+    """Hardware + model + method + precision identify a calibration entry."""
+    return f"{accelerator}|{model_name or '?'}|{total_params}|{method}|{precision}"
 
 
-def plan_fingerprint(plan: Plan) -> str:
-    return plan.calibration_key
+def predicted_categories(components, step_time_s: float | None = None, allocated_peak: int | None = None) -> dict:
+    """Predicted bytes per measured category from memory components (MemoryComponent list), plus 'step_time' and
+    'peak' (compare with torch.cuda.max_memory_allocated) when given. Saved-for-backward bytes include the loss's
+    saved log-probs, which the plan books under logits_loss (inputs['saved'])."""
+    by = {c.name: c.bytes for c in components}
+    out = {cat: sum(by.get(n, 0) for n in names) for cat, names in CATEGORIES.items()}
+    loss = next((c for c in components if c.name == "logits_loss"), None)
+    out["activations"] += int(loss.inputs.get("saved", 0)) if loss is not None else 0
+    if step_time_s is not None:
+        out["step_time"] = step_time_s
+    if allocated_peak is not None:
+        out["peak"] = allocated_peak
+    return out
 
 
-def predicted_from_plan(plan: Plan) -> dict:
-    """The plan's numbers under the keys measurements use: 'peak' (compare with torch.cuda.max_memory_allocated),
-    'step_time', and per category 'weights', 'gradients', 'optimizer', 'activations' (saved-for-backward bytes,
-    the loss's saved log-probs included, as `measure_cpu_memory` counts them)."""
-    by = {c.name: c for c in plan.memory}
+def activations_at(plan, shape, lora, micro_batch: int, width: int) -> tuple[int, int]:
+    """The plan's saved-for-backward bytes of one micro-batch rescaled to the shape actually measured, micro_batch ×
+    width: (the plan's number, the model's own before calibration). The plan predicts full-width batches (its peak);
+    the trainer trims a batch to its longest sequence, so a measurement is compared at the shape it measured — the
+    ratio of the plan's activation formula at the two shapes."""
+    from unitrain.plan.memory import activation_bytes, precision_for
 
-    def b(name):
-        return by[name].bytes if name in by else 0
+    ex = plan.execution
+    p = precision_for(ex, plan.resources.on_cpu)
+    full = activation_bytes(shape, ex.micro_batch_size, ex.seq_len, ex, p, lora)["total"]
+    ratio = activation_bytes(shape, micro_batch, width, ex, p, lora)["total"] / max(1, full)
+    return (round(predicted_categories(plan.memory.components)["activations"] * ratio),
+            round(plan.calibration.model.get("activations", full) * ratio))
 
-    loss_saved = by["logits_loss"].inputs.get("saved", 0) if "logits_loss" in by else 0
-    return {"peak": plan.predicted_allocated, "step_time": plan.step_time_s,
-            "weights": b("weights") + b("adapters"), "gradients": b("gradients"), "optimizer": b("optimizer"),
-            "activations": b("activations") + loss_saved}
+
+def component_scale(factors: dict) -> dict:
+    """Category factors -> factors per memory component (what estimate_memory's `scale` takes)."""
+    out = {}
+    for cat, names in CATEGORIES.items():
+        if cat in factors:
+            out.update({n: factors[cat] for n in names})
+    return out
 
 
-def _load(path: Path) -> dict:
+@dataclass
+class Entry:
+    key: str
+    kind: str = "run"
+    source: str = ""
+    time: float = 0.0
+    predicted: dict = field(default_factory=dict)
+    measured: dict = field(default_factory=dict)
+    factors: dict = field(default_factory=dict)
+    facts: dict = field(default_factory=dict)
+
+
+def _read(path: Path) -> dict[str, Entry]:
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
+    if not isinstance(data, dict) or data.get("version") != STORE_VERSION:
+        return {}  # an older store divided ZeRO gradient buffers by a prediction without them: not reused
+    out = {}
+    for key, e in data.get("entries", {}).items():
+        try:
+            out[key] = Entry(**e)
+        except TypeError:
+            continue
+    return out
 
 
-def record_calibration(fingerprint: str, predicted: dict, measured: dict, path: str | Path | None = None) -> dict:
-    """Store measured/predicted ratios for every key present in both (e.g. 'peak', 'activations', 'step_time').
+def _write(path: Path, entries: dict[str, Entry]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"version": STORE_VERSION, "entries": {k: asdict(e) for k, e in entries.items()}},
+                              indent=1))
+    tmp.replace(path)  # atomic: concurrent readers never see half a file
 
-    Returns the stored factors. Ratios outside [0.25, 4] are dropped: they point at a broken measurement.
-    """
+
+def entries(path: str | Path | None = None) -> list[Entry]:
+    return sorted(_read(Path(path) if path else default_path()).values(), key=lambda e: e.time)
+
+
+def lookup(key: str, path: str | Path | None = None) -> Entry | None:
+    return _read(Path(path) if path else default_path()).get(key)
+
+
+def record(key: str, predicted: dict, measured: dict, source: str = "", *, kind: str = "run",
+           facts: dict | None = None, path: str | Path | None = None) -> Entry:
+    """Store measured / predicted for every category present in both; -> the stored entry."""
     path = Path(path) if path else default_path()
     factors = {}
-    for key, pred in predicted.items():
-        meas = measured.get(key)
+    for cat, pred in predicted.items():
+        meas = measured.get(cat)
         if meas is None or not pred:
             continue
         ratio = float(meas) / float(pred)
         if _SANE[0] <= ratio <= _SANE[1]:
-            factors[key] = round(ratio, 4)
-    data = _load(path)
-    data[fingerprint] = {"factors": factors, "predicted": predicted, "measured": measured, "time": time.time()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)  # atomic: concurrent readers never see half a file
-    return factors
+            factors[cat] = round(ratio, 4)
+    data = _read(path)
+    entry = Entry(key, kind, str(source), time.time(), dict(predicted), dict(measured), factors, dict(facts or {}))
+    data[key] = entry
+    _write(path, data)
+    return entry
 
 
-def factors_for(fingerprint: str, path: str | Path | None = None) -> dict:
-    return dict(_load(Path(path) if path else default_path()).get(fingerprint, {}).get("factors", {}))
-
-
-def apply_calibration(plan: Plan, factors: dict | None = None, path: str | Path | None = None) -> Plan:
-    """Scale a plan's memory components and step time by stored factors (in place; returns the plan).
-
-    Component factors are keyed by component name; 'step_time' scales the step time and 'peak' the peak when
-    no per-component factor exists. Usable with plans made before the calibration was recorded.
-    """
-    if factors is None:
-        factors = factors_for(plan_fingerprint(plan), path)
-    if not factors or plan.calibration:
-        return plan
-    per_component = any(c.name in factors for c in plan.memory)
-    for c in plan.memory:
-        f = factors.get(c.name)
-        if f:
-            c.bytes = int(c.bytes * f)
-            c.inputs["calibration_factor"] = f
-    if per_component:
-        plan.peak_memory = _peak(plan)
-    elif "peak" in factors:
-        plan.peak_memory = int(plan.peak_memory * factors["peak"])
-    if "step_time" in factors:
-        plan.step_time_s *= factors["step_time"]
-    plan.calibration = dict(factors)
-    return plan
-
-
-def _peak(plan: Plan) -> int:
-    gpu = [c for c in plan.memory if c.device == "gpu"]
-    always = sum(c.bytes for c in gpu if c.inputs.get("phase", "always") == "always" and c.name != "overhead")
-    phases = max(sum(c.bytes for c in gpu if c.inputs.get("phase") == ph) for ph in ("fwd_bwd", "step"))
-    over = sum(c.bytes for c in gpu if c.name == "overhead")
-    return always + phases + over
+def reset(key: str | None = None, path: str | Path | None = None) -> int:
+    """Forget one entry (or all); -> how many were removed."""
+    path = Path(path) if path else default_path()
+    data = _read(path)
+    if key is None:
+        n = len(data)
+        data = {}
+    else:
+        n = int(data.pop(key, None) is not None)
+    _write(path, data)
+    return n
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ part in a matmul (every decoder linear + the output projection; the embedding lo
 - full:        6·Ψmm + 12·L·hq·s                (forward 2Ψmm, backward 4Ψmm; attention 4·L·hq·s per pass)
 - LoRA/QLoRA:  4·Ψmm + 6·Ψlora + 12·L·hq·s      (no weight gradients through the frozen base)
 - recomputation adds one forward of the checkpointed fraction: + f·(2·Ψmm + 4·L·hq·s)
-The budget counts executed FLOPs, recomputation included.
+- one forward (evals, scoring): 2·Ψmm (+ 2·Ψlora) + 4·L·hq·s, whatever the method: no backward, no recomputation
+The budget counts executed FLOPs, recomputation included. "Per token" here means per forwarded position (a
+slot): padding inside a batch costs the same as a real token.
 
 Step time = FLOPs / (N · peak · MFU) + exposed communication + offload costs. The MFU prior comes from the
 accelerator table (llm-foundry measurements) and is scaled down for small micro-batches and QLoRA's
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unitrain.plan.schema import Strategy
+from unitrain.plan.schema import Execution
 from unitrain.plan.shape import ModelShape
 
 # Effective per-GPU bandwidths (bytes/s) for collectives, PCIe offload and CPU Adam. Priors, not measurements:
@@ -48,6 +50,11 @@ def flops_per_token(shape: ModelShape, method: str, seq_len: int, checkpointing=
     return f + checkpointed_fraction(checkpointing, shape.num_layers) * (2 * mm + 4 * attn)
 
 
+def forward_flops_per_token(shape: ModelShape, seq_len: int, lora_params: int = 0) -> float:
+    """One forward pass per position: what an eval (or a scoring pass) costs."""
+    return 2 * shape.matmul_params + 2 * lora_params + 4 * shape.num_layers * shape.q_dim * seq_len
+
+
 def size_efficiency(tokens_per_micro_batch: int) -> float:
     """Matmuls with few rows run below peak: × (T/4096)^0.15 below 4096 tokens per micro-batch (a prior)."""
     return min(1.0, (max(1, tokens_per_micro_batch) / 4096) ** 0.15)
@@ -62,7 +69,7 @@ class StepTime:
     mfu: float
 
 
-def step_time(shape: ModelShape, st: Strategy, seq_len: int, global_batch: int, flops_token: float, spec,
+def step_time(shape: ModelShape, st: Execution, seq_len: int, global_batch: int, flops_token: float, spec,
               trainable: int) -> StepTime:
     """Seconds per optimizer step for `global_batch` sequences over spec.world_size ranks."""
     N = spec.world_size

@@ -23,7 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from unitrain.plan.schema import MemoryComponent, Strategy
+from unitrain.plan.deepspeed import bucket_elements
+from unitrain.plan.schema import Execution, MemoryComponent
 from unitrain.plan.shape import ModelShape
 
 GiB = 1024**3
@@ -41,8 +42,8 @@ BNB_BLOCK = 256  # bitsandbytes blockwise 8-bit optimizer state: one fp32 absmax
 CUDA_CONTEXT = int(0.5 * GiB)  # CUDA context + cuBLAS/cuDNN handles: outside torch's allocator
 NCCL_BUFFERS = int(0.25 * GiB)  # NCCL channels' buffers when N > 1 (outside the allocator)
 FRAGMENTATION = 0.05  # caching-allocator reserved - allocated, as a fraction of the allocated peak
-PROCESS_CPU = 2 * GiB
-DS_SUB_GROUP = 1_000_000_000  # DeepSpeed ZeRO-3 sub_group_size default (elements per optimizer sub-group)  # host memory of one training process (python, torch, CUDA libraries)
+PROCESS_CPU = 2 * GiB  # host memory of one training process (python, torch, CUDA libraries)
+DS_SUB_GROUP = 1_000_000_000  # DeepSpeed ZeRO-3 sub_group_size default (elements per optimizer sub-group)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class Precision:
         return self.compute == 4
 
 
-def precision_for(strategy: Strategy, on_cpu: bool) -> Precision:
+def precision_for(strategy: Execution, on_cpu: bool) -> Precision:
     if strategy.dtype == "float32":
         return Precision("fp32", 4, 4, 4, 4 if on_cpu else 1, False, 4)
     if strategy.method == "qlora":  # peft's prepare_model_for_kbit_training upcasts every non-4-bit tensor to
@@ -97,7 +98,7 @@ def _checkpointed_layers(ckpt, layers: int) -> int:
     return math.ceil(layers / int(ckpt))
 
 
-def layer_activations(shape: ModelShape, b: int, s: int, st: Strategy, p: Precision, lora: LoraSpec,
+def layer_activations(shape: ModelShape, b: int, s: int, st: Execution, p: Precision, lora: LoraSpec,
                       input_requires_grad: bool = True) -> dict[str, int]:
     """Bytes autograd saves for one decoder layer, by part (storage-deduplicated)."""
     T, h, I, c = b * s, shape.hidden_size, shape.intermediate_size, p.compute
@@ -153,7 +154,7 @@ def _lora_saved(shape, T, p: Precision, lora: LoraSpec, by_group, input_requires
     return total
 
 
-def head_activations(shape: ModelShape, b: int, s: int, st: Strategy, p: Precision) -> dict[str, int]:
+def head_activations(shape: ModelShape, b: int, s: int, st: Execution, p: Precision) -> dict[str, int]:
     """Saved outside the decoder layers: ids, final norm, lm_head input, loss, rotary tables."""
     T, h, V, c = b * s, shape.hidden_size, shape.vocab_size, p.compute
     full = st.method == "full"
@@ -167,7 +168,7 @@ def head_activations(shape: ModelShape, b: int, s: int, st: Strategy, p: Precisi
     return parts
 
 
-def activation_bytes(shape: ModelShape, b: int, s: int, st: Strategy, p: Precision, lora: LoraSpec) -> dict:
+def activation_bytes(shape: ModelShape, b: int, s: int, st: Execution, p: Precision, lora: LoraSpec) -> dict:
     """Saved-for-backward bytes of one micro-batch: {'layers', 'checkpoint_inputs', 'head', 'per_layer', 'n_ckpt'}."""
     L = shape.num_layers
     n_ckpt = _checkpointed_layers(st.checkpointing, L)
@@ -183,7 +184,7 @@ def activation_bytes(shape: ModelShape, b: int, s: int, st: Strategy, p: Precisi
             "per_layer": other, "n_ckpt": n_ckpt, "total": layers + ckpt_inputs + sum(head.values())}
 
 
-def optimizer_state_bytes(shape: ModelShape, st: Strategy, trainable: list[int], master: bool) -> tuple[float, str]:
+def optimizer_state_bytes(shape: ModelShape, st: Execution, trainable: list[int], master: bool) -> tuple[float, str]:
     """Optimizer bytes for the trainable tensors (element counts), before partitioning."""
     n = sum(trainable)
     if st.optimizer == "adamw":
@@ -249,23 +250,18 @@ class MemoryEstimate:
         return next((c for c in self.components if c.name == name), None)
 
 
-def copies_per_layer(shape: ModelShape, st: Strategy, psi_t: int) -> int:
+def copies_per_layer(shape: ModelShape, st: Execution, psi_t: int) -> int:
     return 2 * (shape.linear_params_per_layer if st.method == "full" else psi_t // shape.num_layers)
 
 
-def autocast_weight_copies(shape: ModelShape, st: Strategy, n_ckpt: int, psi_t: int) -> int:
+def autocast_weight_copies(shape: ModelShape, st: Execution, n_ckpt: int, psi_t: int) -> int:
     """bf16 copies autocast makes of trainable fp32 matmul weights, saved for backward. Inside checkpointed layers
     they are recast during recomputation instead (one layer at a time)."""
     head = 2 * shape.hidden_size * shape.vocab_size if st.method == "full" else 0
     return (shape.num_layers - n_ckpt) * copies_per_layer(shape, st, psi_t) + head
 
 
-def ds_bucket_elements(shape: ModelShape) -> int:
-    """DeepSpeed reduce/allgather bucket (elements): h², HF/Accelerate's 'auto' rule, at least 1M."""
-    return max(shape.hidden_size ** 2, 1_000_000)
-
-
-def estimate_memory(shape: ModelShape, st: Strategy, seq_len: int, world_size: int, gpus_per_node: int,
+def estimate_memory(shape: ModelShape, st: Execution, seq_len: int, world_size: int, gpus_per_node: int,
                     on_cpu: bool, lora: LoraSpec = LoraSpec(), scale: dict | None = None) -> MemoryEstimate:
     """Predicted per-GPU memory of one training step (forward/backward peak or optimizer-step peak).
 
@@ -359,11 +355,11 @@ def estimate_memory(shape: ModelShape, st: Strategy, seq_len: int, world_size: i
     if zs == 0 and N > 1:
         add("comm_buffers", psi_t * g_bytes, f"{g_bytes} B × Ψt (DDP buckets)", psi_t=psi_t)
     elif zs in (1, 2):
-        B = ds_bucket_elements(shape)
+        B = bucket_elements(shape.hidden_size)
         add("comm_buffers", 3 * B * p.param, f"3 × h² × {p.param} B (DeepSpeed buckets)",
             bucket=B)
     elif zs == 3:
-        B = ds_bucket_elements(shape)
+        B = bucket_elements(shape.hidden_size)
         add("comm_buffers", 2 * B * p.param + int(0.9 * B) * p.param, f"2.9 × h² × {p.param} B (reduce + prefetch)",
             bucket=B)
     # Activations.

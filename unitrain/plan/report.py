@@ -23,7 +23,7 @@ def _num(x: float) -> str:
 
 
 def _strategy_line(plan: Plan) -> str:
-    s = plan.strategy
+    s = plan.execution
     parts = [s.method, f"ZeRO-{s.zero_stage}" if s.zero_stage else ("DDP" if plan.world_size > 1 else "no ZeRO")]
     if s.offload_optimizer:
         parts.append("optimizer→CPU")
@@ -35,57 +35,87 @@ def _strategy_line(plan: Plan) -> str:
     return " · ".join(parts)
 
 
+def _unit(plan: Plan) -> str:
+    return "process" if plan.resources.on_cpu else "GPU"
+
+
 def _device(plan: Plan) -> str:
-    r = plan.resources or {}
-    if r.get("gpus_per_node") == 0:
-        return f"CPU ({r.get('gpu_memory', 0) / GiB:.0f} GiB)"
-    nodes = r.get("nodes", 1)
-    return (f"{str(nodes) + ' nodes × ' if nodes > 1 else ''}{r.get('gpus_per_node')} × {r.get('accelerator')} "
-            f"({r.get('gpu_memory', 0) / GiB:.0f} GiB each, CPU {r.get('cpu_memory', 0) / GiB:.0f} GiB per node)")
+    r = plan.resources
+    if r.on_cpu:
+        procs = f"{plan.world_size} processes, " if plan.world_size > 1 else ""
+        return f"CPU ({procs}{r.gpu_memory / GiB:.0f} GiB per process)"
+    nodes = f"{r.nodes} nodes × " if r.nodes > 1 else ""
+    return (f"{nodes}{r.gpus_per_node} × {r.accelerator} ({r.gpu_memory / GiB:.0f} GiB each, CPU "
+            f"{r.cpu_memory / GiB:.0f} GiB per node)")
 
 
 def _length_lines(plan: Plan) -> list[str]:
-    gpus = max(1, plan.world_size)
-    hours = plan.max_steps * plan.step_time_s / 3600
-    budget = plan.budget
-    b = "none" if not budget else f"{budget['value']:.3g} {budget['kind'].replace('_', '-')}"
-    lines = [f"length: {plan.max_steps} steps (warmup {plan.warmup_steps}, cooldown {plan.cooldown_steps}), "
-             f"{_num(plan.total_tokens)} tokens, {plan.total_flops:.3g} FLOPs, {hours:.3g} h wall = "
-             f"{hours * gpus:.3g} GPU-hours; budget {b}"]
-    if plan.epochs:
-        lines.append(f"data: {plan.epochs:.2f} epochs; {plan.data.get('reason', '')}".rstrip("; "))
+    L, b = plan.length, plan.budget
+    hours = L.steps * plan.compute.step_time_s / 3600
+    wall = (f"{hours:.3g} h wall" if plan.resources.on_cpu else
+            f"{hours:.3g} h wall = {hours * max(1, plan.world_size):.3g} GPU-hours")
+    budget = "none" if not b.kind else f"{b.value:.3g} {b.kind.replace('_', '-')}"
+    lines = [f"length: {L.steps} steps (warmup {L.warmup}, cooldown {L.cooldown}), "
+             f"{_num(L.steps * L.tokens_per_step)} tokens in {_num(L.steps * L.slots_per_step)} slots, "
+             f"{L.steps * plan.compute.flops_per_step:.3g} FLOPs, {wall}; budget {budget}"]
+    if b.kind and b.split:
+        parts = ", ".join(f"{k} {v / b.value:.1%}" for k, v in b.split.items() if v)
+        lines.append(f"budget split: {parts}" + (f"; unspent {b.unspent / b.value:.1%} ({b.unspent_reason})"
+                                                  if b.unspent_reason else ""))
+    ev = plan.evals
+    if ev.sequences:
+        lines.append(f"evals: {ev.count} × {ev.sequences} sequences ({_num(ev.tokens)} tokens, {_num(ev.slots)} "
+                     f"slots, {ev.flops:.3g} FLOPs each), " +
+                     (f"every {ev.every} steps" if ev.every else "at the start and the end"))
+    d = plan.data
+    lines.append(f"data: {d.policy}, {d.epochs:.2f} epochs; {d.reason}" if d.scanned else f"data: {d.reason}")
     return lines
+
+
+def _calibration_line(plan: Plan) -> str | None:
+    c = plan.calibration
+    if not c.factors:
+        return None
+    import time
+
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.time)) if c.time else "?"
+    factors = ", ".join(f"{k} ×{v:.3g}" for k, v in sorted(c.factors.items()))
+    return (f"calibration applied: {factors} (measured / predicted, from {c.source or 'an earlier run'} at {when}; "
+            f"`unitrain calibrate --list` shows the store, `--reset` clears it)")
 
 
 def plan_summary_lines(plan: Plan) -> list[str]:
     """The plan in plain text lines: strategy, batch, memory per component, compute, length, rejections."""
-    s, m = plan.strategy, plan.model or {}
+    s, m, mem = plan.execution, plan.model, plan.memory
     lines = [f"plan: {_strategy_line(plan)}",
-             f"model: {m.get('name', '?')} ({_num(m.get('params', 0))} params, {_num(m.get('trainable_params', 0))} "
-             f"trainable; shape from {m.get('source', '?')})",
+             f"model: {m.name or '?'} ({_num(m.params)} params, {_num(m.trainable_params)} "
+             f"trainable; shape from {m.source or '?'})",
              f"resources: {_device(plan)}",
              f"batch: {s.micro_batch_size} micro × {s.grad_accum} accumulation × {plan.world_size} ranks = "
-             f"{plan.global_batch_size} sequences × {plan.seq_len} tokens = {plan.tokens_per_step} tokens/step",
-             f"memory per {'process' if (plan.resources or {}).get('gpus_per_node') == 0 else 'GPU'}: peak "
-             f"{_gib(plan.peak_memory)} GiB of {_gib(plan.usable_memory)} GiB usable "
-             f"(allocated {_gib(plan.predicted_allocated)} GiB)"]
-    for c in plan.memory:
+             f"{plan.global_batch_size} sequences × {plan.seq_len} slots",
+             f"memory per {_unit(plan)}: peak {_gib(mem.peak)} GiB of {_gib(mem.usable)} GiB usable "
+             f"(allocated {_gib(mem.allocated_peak)} GiB)"]
+    for c in mem.components:
         where = " [CPU]" if c.device == "cpu" else ""
         phase = c.inputs.get("phase", "always")
         tag = "" if phase == "always" else f" ({phase.replace('_', '/')})"
         lines.append(f"  {c.name:<24}{_gib(c.bytes):>9} GiB{where}{tag}  {c.formula}")
-    if any(c.device == "cpu" for c in plan.memory):
-        lines.append(f"CPU memory needed per node: {_gib(plan.cpu_memory_needed)} GiB")
-    tps = plan.tokens_per_step / plan.step_time_s if plan.step_time_s else 0
-    lines.append(f"compute: {plan.flops_per_token:.3g} FLOPs/token, {plan.flops_per_step:.3g} FLOPs/step, "
-                 f"{plan.step_time_s:.3g} s/step, {_num(tps)} tokens/s")
+    if any(c.device == "cpu" for c in mem.components):
+        lines.append(f"CPU memory needed per node: {_gib(mem.cpu_needed)} GiB")
+    lines.append(_compute_line(plan))
     lines += _length_lines(plan)
     for r in plan.rejected:
         lines.append(f"rejected: {r['strategy']} — {r['reason']}")
     lines += [f"note: {n}" for n in plan.notes]
-    if plan.calibration:
-        lines.append(f"calibration factors applied: {plan.calibration}")
-    return lines
+    cal = _calibration_line(plan)
+    return lines + ([cal] if cal else [])
+
+
+def _compute_line(plan: Plan) -> str:
+    c, L = plan.compute, plan.length
+    tps = L.tokens_per_step / c.step_time_s if c.step_time_s else 0
+    return (f"compute: {c.flops_per_slot:.3g} FLOPs/slot (forward {c.forward_flops_per_slot:.3g}), "
+            f"{c.flops_per_step:.3g} FLOPs/step, {c.step_time_s:.3g} s/step, {_num(tps)} tokens/s")
 
 
 def print_plan(plan: Plan, console=None) -> None:
@@ -94,37 +124,34 @@ def print_plan(plan: Plan, console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    s, m = plan.strategy, plan.model or {}
+    s, m, mem = plan.execution, plan.model, plan.memory
     console.print(f"[bold]Plan[/bold]: {_strategy_line(plan)}", highlight=False)
-    console.print(f"model {m.get('name', '?')}: {_num(m.get('params', 0))} params, "
-                  f"{_num(m.get('trainable_params', 0))} trainable (shape from {m.get('source', '?')})", highlight=False)
+    console.print(f"model {m.name or '?'}: {_num(m.params)} params, {_num(m.trainable_params)} trainable (shape "
+                  f"from {m.source or '?'})", highlight=False)
     console.print(f"resources {_device(plan)}", highlight=False)
     console.print(f"batch {s.micro_batch_size} micro × {s.grad_accum} accum × {plan.world_size} ranks = "
-                  f"{plan.global_batch_size} seq × {plan.seq_len} tokens", highlight=False)
-    fits = plan.peak_memory <= plan.usable_memory
-    t = Table(title=f"memory per {'process' if (plan.resources or {}).get('gpus_per_node') == 0 else 'GPU'}: "
-                    f"peak {_gib(plan.peak_memory)} GiB / usable {_gib(plan.usable_memory)} GiB",
+                  f"{plan.global_batch_size} seq × {plan.seq_len} slots", highlight=False)
+    fits = mem.peak <= mem.usable
+    t = Table(title=f"memory per {_unit(plan)}: peak {_gib(mem.peak)} GiB / usable {_gib(mem.usable)} GiB",
               title_justify="left", show_edge=False, pad_edge=False)
     t.add_column("component")
     t.add_column("GiB", justify="right")
     t.add_column("", no_wrap=True)
     t.add_column("formula", overflow="fold")
-    scale = max(plan.usable_memory, plan.peak_memory, 1)
-    for c in plan.memory:
+    scale = max(mem.usable, mem.peak, 1)
+    for c in mem.components:
         n = round(BAR * c.bytes / scale)
         bar = ("[cyan]" if c.device == "gpu" else "[magenta]") + "█" * n + "[/]" if n else ("▏" if c.bytes else "")
         phase = c.inputs.get("phase", "always")
         name = c.name + (" (cpu)" if c.device == "cpu" else "") + ("" if phase == "always" else f" ({phase})")
         t.add_row(name, _gib(c.bytes), bar, c.formula)
-    t.add_row("[bold]peak[/bold]", f"[bold]{_gib(plan.peak_memory)}[/bold]",
-              ("[green]" if fits else "[red]") + "█" * round(BAR * plan.peak_memory / scale) + "[/]",
+    t.add_row("[bold]peak[/bold]", f"[bold]{_gib(mem.peak)}[/bold]",
+              ("[green]" if fits else "[red]") + "█" * round(BAR * mem.peak / scale) + "[/]",
               "always-resident + max(forward/backward, optimizer step) + overhead")
     console.print(t)
-    if any(c.device == "cpu" for c in plan.memory):
-        console.print(f"CPU memory needed per node: {_gib(plan.cpu_memory_needed)} GiB", highlight=False)
-    tps = plan.tokens_per_step / plan.step_time_s if plan.step_time_s else 0
-    console.print(f"compute {plan.flops_per_token:.3g} FLOPs/token · {plan.flops_per_step:.3g} FLOPs/step · "
-                  f"{plan.step_time_s:.3g} s/step · {_num(tps)} tokens/s", highlight=False)
+    if any(c.device == "cpu" for c in mem.components):
+        console.print(f"CPU memory needed per node: {_gib(mem.cpu_needed)} GiB", highlight=False)
+    console.print(_compute_line(plan), highlight=False)
     for line in _length_lines(plan):
         console.print(line, highlight=False)
     if plan.rejected:
@@ -136,5 +163,6 @@ def print_plan(plan: Plan, console=None) -> None:
         console.print(r)
     for n in plan.notes:
         console.print(f"[dim]note: {n}[/dim]", highlight=False)
-    if plan.calibration:
-        console.print(f"[dim]calibration factors applied: {plan.calibration}[/dim]", highlight=False)
+    cal = _calibration_line(plan)
+    if cal:
+        console.print(cal, highlight=False, markup=False)

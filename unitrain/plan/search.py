@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from unitrain.errors import MissingPackageError, PlanError
 from unitrain.plan import compute
 from unitrain.plan.memory import GiB, LoraSpec, MemoryEstimate, estimate_memory
-from unitrain.plan.schema import Strategy
+from unitrain.plan.schema import Execution
 from unitrain.plan.shape import ModelShape
 
 SAFETY_MARGIN = 0.05  # usable = memory − max(5 %, 1 GiB) on GPUs: allocator variance, other processes
@@ -42,7 +42,7 @@ def usable_memory(memory: int, on_cpu: bool) -> int:
 
 @dataclass
 class Candidate:
-    strategy: Strategy
+    strategy: Execution
     memory: MemoryEstimate
     flops_per_token: float
     time: compute.StepTime
@@ -91,7 +91,7 @@ def kernels_for(recipe, spec, shape: ModelShape) -> list[str]:
     return list(KERNELS) if k == "on" or has_package("triton") else []
 
 
-def enumerate_strategies(recipe, spec, shape: ModelShape, refusals: list[str]) -> list[Strategy]:
+def enumerate_strategies(recipe, spec, shape: ModelShape, refusals: list[str]) -> list[Execution]:
     """Every combination the recipe leaves open; explicit choices that cannot work raise a UnitrainError."""
     t, sc = recipe.training, recipe.strategy
     N = spec.world_size
@@ -192,7 +192,7 @@ def enumerate_strategies(recipe, spec, shape: ModelShape, refusals: list[str]) -
                             continue
                         for ck in ckpts:
                             for mb in micros:
-                                out.append(Strategy(method=method, zero_stage=zs, offload_optimizer=oo,
+                                out.append(Execution(method=method, zero_stage=zs, offload_optimizer=oo,
                                                     offload_params=op, optimizer=opt, checkpointing=ck,
                                                     micro_batch_size=mb, grad_accum=per_rank // mb,
                                                     kernels=[k for k in kernels if k != "lora" or method == "lora"],
@@ -200,7 +200,7 @@ def enumerate_strategies(recipe, spec, shape: ModelShape, refusals: list[str]) -
     return out
 
 
-def evaluate(st: Strategy, shape: ModelShape, spec, seq_len: int, G: int, lora: LoraSpec,
+def evaluate(st: Execution, shape: ModelShape, spec, seq_len: int, G: int, lora: LoraSpec,
              scale: dict | None = None) -> Candidate:
     mem = estimate_memory(shape, st, seq_len, spec.world_size, spec.gpus_per_node, spec.on_cpu, lora, scale)
     fpt = compute.flops_per_token(shape, st.method, seq_len, st.checkpointing,

@@ -308,11 +308,11 @@ def load_model_config(model_cfg, base_dir: str | None = None) -> tuple[dict, str
     where, gguf = name, None
     if name.startswith("package:") or name.endswith(".gguf") or model_cfg.gguf_file or Path(name).expanduser().exists() \
             or (base_dir and (Path(base_dir) / name).exists()):
-        from unitrain.model import _gguf_cache, resolve_source  # imports torch: only for local sources
+        from unitrain.sources import gguf_cache, resolve_source
 
         where, gguf = resolve_source(name, model_cfg.gguf_file, base_dir)
     if gguf:
-        converted = _gguf_cache(where, gguf, model_cfg) / "config.json"  # the trainer's one-time conversion
+        converted = gguf_cache(where, gguf, model_cfg) / "config.json"  # the trainer's one-time conversion
         if converted.is_file():
             return json.loads(converted.read_text()), f"GGUF {gguf} (converted copy)"
         return _gguf_config(Path(where) / gguf), f"GGUF {gguf}"

@@ -10,16 +10,17 @@ from unitrain.data.tokenize import IGNORE, prompt_text
 
 
 @torch.no_grad()
-def eval_loss(model, sequences, batch_size: int, max_batches: int | None = None, autocast=None,
+def eval_loss(model, sequences, batch_size: int, n_sequences: int | None = None, autocast=None,
               rank: int = 0, world: int = 1) -> tuple[float, int]:
-    """This rank's share of the eval set -> (sum of token losses, tokens). Ranks take every world-th batch."""
+    """This rank's share of the first `n_sequences` eval sequences (all when None) -> (sum of token losses,
+    tokens). Ranks take every world-th batch. What this forwards is what plan.allocate.forwarded_slots counts."""
     import contextlib
 
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    n = len(sequences)
-    starts = list(range(0, n, batch_size))[: max_batches or None]
+    n = len(sequences) if n_sequences is None else min(n_sequences, len(sequences))
+    starts = list(range(0, n, batch_size))
     mine = starts[rank::world]
     # Every rank runs the same number of forwards: ZeRO-3 gathers parameters collectively in each one, so a
     # rank that stopped early would leave the others waiting. Padding forwards are computed and discarded.
@@ -37,17 +38,6 @@ def eval_loss(model, sequences, batch_size: int, max_batches: int | None = None,
     if was_training:
         model.train()
     return total, count
-
-
-def forwarded_tokens(sequences, batch_size: int, max_batches: int | None = None, world: int = 1) -> int:
-    """Tokens one eval_loss call forwards over all ranks (batches trimmed to their longest sequence, plus the
-    padding forwards that keep ranks in step): what the evaluation costs, loss-carrying or not."""
-    n = len(sequences)
-    starts = list(range(0, n, batch_size))[: max_batches or None]
-    cost = [max(1, int(sequences.lengths[s: s + batch_size].max())) * len(sequences.lengths[s: s + batch_size])
-            for s in starts]
-    rounds = -(-len(starts) // world)
-    return sum(cost) + (rounds * world - len(starts)) * cost[0] if starts else 0
 
 
 def normalize_answer(text: str) -> str:

@@ -88,7 +88,6 @@ from pathlib import Path
 import numpy as np
 
 from unitrain.errors import UnitrainError
-from unitrain.resources import Budget
 from unitrain.train.curve_fit import TAIL, fit_power_law, noise_sigma, smooth
 
 PATIENCE_SIGMAS = 5.0  # a rise counts when it clears the best smoothed level by this many noise σ
@@ -127,21 +126,21 @@ class Decision:
 class Governor:
     """Budget accounting and the stop rule; see the module doc for every formula."""
 
-    def __init__(self, plan, stopping, run_dir: Path | None, world_size: int | None = None, *,
-                 eval_every: int | None = None):
+    def __init__(self, plan, stopping, run_dir: Path | None):
         self.plan, self.cfg = plan, stopping
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.world_size = int(world_size or plan.world_size or 1)
-        self.budget = Budget(plan.budget["kind"], float(plan.budget["value"])) if plan.budget else None
-        self.planned_flops = plan.total_flops or plan.max_steps * plan.flops_per_step
+        self.world_size = max(1, plan.world_size)
+        self.budget = plan.budget.typed  # parsed once, by the resource spec; checked against one step by the planner
+        self.max_steps, self.warmup, self.cooldown = plan.length.steps, plan.length.warmup, plan.length.cooldown
+        self.flops_per_step = plan.compute.flops_per_step
+        self.planned_flops = self.max_steps * self.flops_per_step + plan.evals.count * plan.evals.flops
         self.warnings: list[str] = []
-        self._check_budget_vs_step()
         self._check_loss_per_flop()
-        self._check_eval_cadence(eval_every)
+        self._check_eval_cadence(plan.evals)
         self.steps = 0
         self.tokens = 0
-        self.train_flops = self.eval_flops = 0.0
-        self.train_s = self.eval_s = 0.0
+        self.train_flops = self.eval_flops = self.selection_flops = 0.0
+        self.train_s = self.eval_s = self.selection_s = 0.0
         self.step_cost_ema = 0.0  # budget units
         self.last_step_cost = 0.0
         self.last_eval_cost = 0.0
@@ -163,18 +162,6 @@ class Governor:
             return seconds * self.world_size / 3600.0
         return float(tokens)
 
-    def _check_budget_vs_step(self) -> None:
-        if self.budget is None:
-            return
-        p = self.plan
-        step = self._cost(p.flops_per_step, p.step_time_s, p.tokens_per_step)
-        if step > 0 and self.budget.value < step:
-            raise UnitrainError(
-                f"resources.budget={self.budget} is smaller than one optimizer step "
-                f"({self.budget.__class__(self.budget.kind, step)} for {p.global_batch_size} sequences × "
-                f"{p.seq_len} tokens); raise the budget to at least that, or lower "
-                f"training.global_batch_size or data.max_length")
-
     def _check_loss_per_flop(self) -> None:
         lam = self.cfg.loss_per_flop
         if lam is None:
@@ -182,10 +169,10 @@ class Governor:
         if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
             raise UnitrainError(f"stopping.loss_per_flop={lam!r}: must be a positive loss per FLOP "
                                 f"(e.g. 1e-18), or unset to derive it from the budget")
-        step_gain = lam * self.plan.flops_per_step
+        step_gain = lam * self.flops_per_step
         if step_gain >= 1:
             raise UnitrainError(
-                f"stopping.loss_per_flop={lam:g} asks every optimizer step ({self.plan.flops_per_step:.3g} "
+                f"stopping.loss_per_flop={lam:g} asks every optimizer step ({self.flops_per_step:.3g} "
                 f"FLOPs) to lower the loss by {step_gain:.3g} nats: it reads like a loss per step or per "
                 f"token, not per FLOP. Divide by the FLOPs per step, or unset it to derive it from the budget")
         whole = lam * self.planned_flops
@@ -196,14 +183,15 @@ class Governor:
             self._warn(f"stopping.loss_per_flop={lam:g} × planned {self.planned_flops:.3g} FLOPs = {whole:.3g} "
                        f"nats: the marginal-gain rule will practically never stop; check the unit")
 
-    def _check_eval_cadence(self, eval_every: int | None) -> None:
-        if eval_every is None or not self.cfg.enabled:
+    def _check_eval_cadence(self, evals) -> None:
+        if not self.cfg.enabled or not evals.sequences:
             return
         need = max(self.cfg.min_evals, MIN_RULE_POINTS)
-        n = self.plan.max_steps // eval_every if eval_every > 0 else 0
+        every = evals.every
+        n = self.max_steps // every if every > 0 else 0
         if n < need:
-            hint = max(1, self.plan.max_steps // (2 * need))
-            self._warn(f"training.eval_every={eval_every} gives {n} evals in {self.plan.max_steps} steps; the "
+            hint = max(1, self.max_steps // (2 * need))
+            self._warn(f"training.eval_every={every} gives {n} evals in {self.max_steps} steps; the "
                        f"stop rule needs {need} (stopping.min_evals and {MIN_RULE_POINTS} evals to fit after "
                        f"warmup) and cannot stop early; set training.eval_every={hint} or lower")
 
@@ -213,7 +201,10 @@ class Governor:
 
     # ---------------------------------------------------------------- accounting
     def _used(self) -> float:
-        return self._cost(self.train_flops + self.eval_flops, self.train_s + self.eval_s, self.tokens)
+        return self._cost(self._flops_used(), self.train_s + self.eval_s + self.selection_s, self.tokens)
+
+    def _flops_used(self) -> float:
+        return self.train_flops + self.eval_flops + self.selection_flops
 
     def account(self, tokens: int, flops: float, seconds: float) -> Decision | None:
         """Charge one optimizer step; a 'budget' Decision when the next step would overrun."""
@@ -238,6 +229,11 @@ class Governor:
             self._record(d)
         return d
 
+    def account_selection(self, flops: float, seconds: float) -> None:
+        """The selector's embedding/scoring FLOPs, before the first step (not training tokens)."""
+        self.selection_flops += float(flops)
+        self.selection_s += float(seconds)
+
     def account_eval(self, flops: float, seconds: float) -> None:
         self.eval_flops += float(flops)
         self.eval_s += float(seconds)
@@ -248,19 +244,18 @@ class Governor:
         """F: FLOPs per step including recomputation and amortised evals (the plan's until measured)."""
         if self.steps and self.train_flops > 0:
             return (self.train_flops + self.eval_flops) / self.steps
-        return float(self.plan.flops_per_step)
+        return float(self.flops_per_step)
 
     def cooldown_for(self, step: int) -> int:
         """LR cooldown after a rule stop at `step`: the plan's cooldown fraction of the steps actually
         trained (WSD cooldowns scale with the run, Hägele et al.), never more than the plan's."""
-        p = self.plan
-        if p.max_steps <= 0 or p.cooldown_steps <= 0:
+        if self.max_steps <= 0 or self.cooldown <= 0:
             return 0
-        return min(p.cooldown_steps, math.ceil(p.cooldown_steps * step / p.max_steps))
+        return min(self.cooldown, math.ceil(self.cooldown * step / self.max_steps))
 
     def _horizon(self, step: int) -> float:
         """T: the step at which the run ends, from the plan and the budget left at the measured rate."""
-        T = float(self.plan.max_steps)
+        T = float(self.max_steps)
         if self.budget is not None and self.steps:
             used = self._used()
             per_step = used / self.steps
@@ -309,7 +304,7 @@ class Governor:
         caught after a median 16 evals (90th percentile 22). Inactive below PATIENCE_MIN_EVALS."""
         if loss < self.best_loss:
             self.best_loss, self.best_step = loss, step
-        lo = max(1, self.plan.warmup_steps)
+        lo = max(1, self.warmup)
         window = np.array([e[1] for e in self.evals if e[2] and e[0] >= lo])
         if len(window) < PATIENCE_MIN_EVALS:
             self.rising, self._rise_ref, self._rise_delta = 0, None, None
@@ -329,7 +324,7 @@ class Governor:
                             f"best smoothed level {self._rise_ref:.4g} for {self.rising} evals in a row: "
                             f"overfitting (best eval {self.best_loss:.4g} at step {self.best_step})",
                             cooldown_steps=self.cooldown_for(step), **common)
-        pts = [(s, l) for s, l, f in self.evals if f and s >= max(1, self.plan.warmup_steps)]
+        pts = [(s, l) for s, l, f in self.evals if f and s >= max(1, self.warmup)]
         n_evals = sum(1 for e in self.evals if e[2])
         recent = [p for p in pts if p[0] >= FIT_WINDOW * step]
         pts = recent if len(recent) >= FIT_WINDOW_POINTS else pts[-FIT_WINDOW_POINTS:]
@@ -391,7 +386,7 @@ class Governor:
 
     # ---------------------------------------------------------------- log, progress, state
     def _record(self, d: Decision) -> Decision:
-        row = d.to_dict() | {"time": time.time(), "flops_used": self.train_flops + self.eval_flops}
+        row = d.to_dict() | {"time": time.time(), "flops_used": self._flops_used()}
         self.decisions.append(row)
         if d.stop and self.stop_decision is None:
             self.stop_decision = row
@@ -402,19 +397,20 @@ class Governor:
         return d
 
     def progress(self) -> dict:
-        flops_used = self.train_flops + self.eval_flops
+        flops_used = self._flops_used()
         flops_budget = self.budget.value if self.budget and self.budget.kind == "flops" else self.planned_flops
         if self.budget is not None:
             frac = self._used() / self.budget.value
         else:
             frac = flops_used / self.planned_flops if self.planned_flops else 0.0
         return {"step": self.steps, "flops_used": flops_used, "flops_budget": flops_budget,
-                "tokens_seen": self.tokens, "wall_s": self.train_s + self.eval_s,
-                "gpu_hours_used": (self.train_s + self.eval_s) * self.world_size / 3600.0,
+                "tokens_seen": self.tokens, "wall_s": self.train_s + self.eval_s + self.selection_s,
+                "gpu_hours_used": (self.train_s + self.eval_s + self.selection_s) * self.world_size / 3600.0,
                 "budget_kind": self.budget.kind if self.budget else None,
                 "fraction_of_budget": frac}
 
-    _STATE = ("steps", "tokens", "train_flops", "eval_flops", "train_s", "eval_s", "step_cost_ema",
+    _STATE = ("steps", "tokens", "train_flops", "eval_flops", "selection_flops", "train_s", "eval_s", "selection_s",
+              "step_cost_ema",
               "last_step_cost", "last_eval_cost", "evals", "best_loss", "best_step", "rising", "below",
               "last_good_step", "decisions", "stop_decision", "budget_hit")
 
@@ -438,15 +434,17 @@ class Governor:
         last = fitted[-1] if fitted else None
         if self.stop_decision and self.stop_decision.get("fit"):
             last = self.stop_decision
-        T = last["horizon_step"] if last else float(self.plan.max_steps)
+        T = last["horizon_step"] if last else float(self.max_steps)
         F = self._flops_per_step()
-        used_flops = self.train_flops + self.eval_flops
+        used_flops = self._flops_used()
         report = {
             "budget": asdict(self.budget) if self.budget else None,
-            "used": {"flops": used_flops, "eval_flops": self.eval_flops, "tokens": self.tokens, "gpu_hours": self.progress()["gpu_hours_used"],
-                     "wall_s": self.train_s + self.eval_s, "steps": self.steps},
+            "used": {"flops": used_flops, "train_flops": self.train_flops, "eval_flops": self.eval_flops,
+                     "selection_flops": self.selection_flops, "tokens": self.tokens,
+                     "gpu_hours": self.progress()["gpu_hours_used"], "wall_s": self.progress()["wall_s"],
+                     "steps": self.steps},
             "fraction_of_budget": self.progress()["fraction_of_budget"],
-            "planned_steps": self.plan.max_steps, "final_step": final_step,
+            "planned_steps": self.max_steps, "final_step": final_step,
             "stop": {k: self.stop_decision[k] for k in ("step", "reason", "detail")} if self.stop_decision
             else None,
             "achieved_loss": final_eval_loss,

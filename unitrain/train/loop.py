@@ -28,9 +28,11 @@ from unitrain.data.pack import BatchOrder
 from unitrain.data.pipeline import PreparedData
 from unitrain.data.tokenize import IGNORE
 from unitrain.errors import CheckpointError, UnitrainError
+from unitrain.plan.memory import LoraSpec
 from unitrain.plan.schema import Plan
+from unitrain.plan.shape import model_shape
 from unitrain.train import checkpoint as ckpt
-from unitrain.train.evaluate import eval_loss, exact_match, forwarded_tokens
+from unitrain.train.evaluate import eval_loss, exact_match
 from unitrain.train.memory_check import MemoryCheck
 from unitrain.train.schedule import Schedule
 from unitrain.train.track import Tracker
@@ -62,26 +64,25 @@ class Trainer:
         self._sigterm = False
 
     # ------------------------------------------------------------------ setup
-    def setup(self) -> None:
-        from unitrain.strategy import build_backend
+    def setup(self, selection_cost: tuple[float, float] = (0.0, 0.0)) -> None:
+        """Build the backend, schedule and governor from the plan; resume from a checkpoint when there is one.
+        `selection_cost`: (FLOPs, seconds) the data selector spent for this run, charged to the budget once."""
+        from unitrain.train.backends import build_backend
         from unitrain.train.governor import Governor
 
-        p, s = self.plan, self.plan.strategy
+        p, ex, L = self.plan, self.plan.execution, self.plan.length
         self.device = self.ctx.device
         self.model.to(self.device)
-        self.schedule = Schedule(self.recipe.training.schedule, p.max_steps, p.warmup_steps, p.cooldown_steps)
+        self.schedule = Schedule(L.schedule, L.steps, L.warmup, L.cooldown)
         self.backend = build_backend(p, self.model, self.recipe, self.schedule)
-        self.memcheck = MemoryCheck(p, self.recipe, self.run_dir if self.ctx.is_main else None)
+        self.memcheck = MemoryCheck(p, self.run_dir if self.ctx.is_main else None,
+                                    model_shape(self.recipe.model, self.model.config), LoraSpec.of(self.recipe.method.lora))
         self.order = BatchOrder(len(self.data.train), p.global_batch_size, self.recipe.training.seed)
-        self.governor = Governor(p, self.recipe.stopping, self.run_dir if self.ctx.is_main else None,
-                                 world_size=p.world_size, eval_every=self.recipe.training.eval_every)
-        self.autocast = (torch.autocast("cuda", dtype=getattr(torch, s.dtype))
-                         if self.device.type == "cuda" and s.dtype != "float32" else None)
-        self.step, self.end_step, self.stop_reason = 0, p.max_steps, "completed"
-        # what one eval forwards (the governor charges it): fixed by the eval set, micro-batch and world size
-        t = self.recipe.training
-        self.eval_forwarded = forwarded_tokens(self.data.eval, s.micro_batch_size, t.eval_max_batches,
-                                               self.ctx.world) if self.data.eval is not None else 0
+        self.governor = Governor(p, self.recipe.stopping, self.run_dir if self.ctx.is_main else None)
+        self.autocast = (torch.autocast("cuda", dtype=getattr(torch, ex.dtype))
+                         if self.device.type == "cuda" and ex.dtype != "float32" else None)
+        self.step, self.end_step, self.stop_reason = 0, L.steps, "completed"
+        self.eval_every = p.evals.every
         self.state = {"tokens": 0, "flops": 0.0, "wall": 0.0, "evals": []}
         self.step_times: list[float] = []  # this process's step seconds, for calibration
         resume_from = ckpt.find_resume(self.run_dir / "checkpoints", self.recipe.output.resume)
@@ -96,6 +97,8 @@ class Trainer:
             self.state = saved["state"]
             self.governor.load_state_dict(saved["governor"])
             self._say(f"resumed from {resume_from} at step {self.step}")
+        else:
+            self.governor.account_selection(*selection_cost)
         self.tracker = Tracker(self.run_dir, self.recipe, p.to_dict(), self.end_step, self.step,
                                active=self.ctx.is_main, console=self.console)
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -104,8 +107,8 @@ class Trainer:
         self._sigterm = True
 
     def _plan_fingerprint(self) -> list:
-        p, s = self.plan, self.plan.strategy
-        return [p.global_batch_size, p.seq_len, p.world_size, s.method, s.zero_stage, s.optimizer, p.max_steps,
+        p, s = self.plan, self.plan.execution
+        return [p.global_batch_size, p.seq_len, p.world_size, s.method, s.zero_stage, s.optimizer, p.length.steps,
                 len(self.data.train)]
 
     def _say(self, msg: str) -> None:
@@ -116,7 +119,7 @@ class Trainer:
     def train(self) -> RunResult:
         p = self.plan
         t = self.recipe.training
-        micro = p.strategy.micro_batch_size
+        micro = p.execution.micro_batch_size
         self.model.train()
         result = RunResult(self.run_dir, self.step, self.stop_reason)
         if self.state["evals"] and self.state["evals"][0][0] == 0:  # resumed: the step-0 eval is on record
@@ -126,18 +129,18 @@ class Trainer:
             self.tracker.log({"step": 0, "eval_loss": result.initial_eval_loss})
         while self.step < self.end_step:
             t0 = time.perf_counter()
-            batches = [self.data.train.batch(i) for i in self.order.micro_batches(self.step, micro, self.ctx.rank,
-                                                                                   self.ctx.world)]
+            index = self.order.micro_batches(self.step, micro, self.ctx.rank, self.ctx.world)
+            batches = [self.data.train.batch(i) for i in index]
             n_items = dist.all_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches), self.device)
             n_items = max(1, n_items)
             # token counts from the host copies: no device sync inside the step
-            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            tokens = sum(self.data.train.real_tokens(i) for i in index)
             padded = sum(b["input_ids"].numel() for b in batches)
             loss_sum = torch.zeros((), device=self.device)
             for i, b in enumerate(batches):
                 b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
                 with self.backend.no_sync(i == len(batches) - 1), self.autocast or contextlib.nullcontext(), \
-                        self.memcheck.watch(self.backend.unwrap()):
+                        self.memcheck.watch(self.backend.unwrap(), b["input_ids"].shape):
                     out = self.backend.forward(**b, num_items_in_batch=torch.tensor(n_items, device=self.device))
                     loss = out.loss * self.ctx.world  # ranks' gradients are averaged; keep the global sum
                 self.backend.backward(loss)
@@ -150,7 +153,7 @@ class Trainer:
             loss_total = dist.all_sum(float(loss_sum), self.device)  # one host sync per step
             tokens, padded = dist.all_sum(tokens, self.device), dist.all_sum(padded, self.device)
             dt = time.perf_counter() - t0
-            flops = p.flops_per_token * padded
+            flops = p.compute.flops_per_slot * padded  # FLOPs are charged on forwarded slots, padding included
             self.step_times.append(dt)
             if len(self.step_times) == CALIBRATION_STEPS:
                 self._calibrate()
@@ -168,7 +171,7 @@ class Trainer:
                 if decision.reason in ("budget", "nonfinite"):
                     self.tracker.log(row)
                     break
-            if t.eval_every and self.step % t.eval_every == 0 and self.step < self.end_step:
+            if self.eval_every and self.step % self.eval_every == 0 and self.step < self.end_step:
                 row["eval_loss"] = self._evaluate(self.step, observe=self.stop_reason == "completed")
             if self.step % max(1, t.log_every) == 0 or "eval_loss" in row:
                 self.tracker.log(row)
@@ -214,7 +217,7 @@ class Trainer:
         if self.ctx.is_main:
             from unitrain.model import export
 
-            export(self.backend.unwrap(), self.tokenizer, self.run_dir / "final", self.plan.strategy.method,
+            export(self.backend.unwrap(), self.tokenizer, self.run_dir / "final", self.plan.execution.method,
                    self.recipe.output.merge, state_dict=full_state)
             self.tracker.log_image("governor", self.run_dir / "governor.png")
         result.steps, result.stop_reason, result.final_eval_loss = self.step, self.stop_reason, final_eval
@@ -225,13 +228,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces
     def _evaluate(self, step: int, observe: bool) -> float:
+        """One eval as the plan sized it: its first `sequences` eval sequences, charged its planned FLOPs."""
         t0 = time.perf_counter()
-        total, count = eval_loss(self.backend.unwrap(), self.data.eval, self.plan.strategy.micro_batch_size,
-                                 self.recipe.training.eval_max_batches, self.autocast, self.ctx.rank, self.ctx.world)
+        ev = self.plan.evals
+        total, count = eval_loss(self.backend.unwrap(), self.data.eval, ev.batch_size, ev.sequences, self.autocast,
+                                 self.ctx.rank, self.ctx.world)
         total, count = dist.all_sum(total, self.device), dist.all_sum(count, self.device)
         loss = total / count if count else float("nan")
         dt = time.perf_counter() - t0
-        self.governor.account_eval(self.plan.flops_per_token / 3 * self.eval_forwarded, dt)  # forward = 1/3 of training
+        self.governor.account_eval(ev.flops, dt)
         self.state["evals"].append([step, loss])
         if observe:
             decision = self.governor.observe_eval(step, loss)
@@ -254,15 +259,15 @@ class Trainer:
 
         if not self.ctx.is_main or not self.memcheck.measured:
             return
-        measured = {k: v for k, v in self.memcheck.measured.items()
-                    if k in ("weights", "gradients", "optimizer", "activations")}
+        measured = {k: v for k, v in self.memcheck.measured.items() if k in calibrate.CATEGORIES}
         measured["step_time"] = statistics.median(self.step_times[1:])
         if self.device.type == "cuda":
             measured["peak"] = torch.cuda.max_memory_allocated()
-        predicted = calibrate.predicted_from_plan(self.plan)
-        factors = calibrate.record_calibration(self.plan.calibration_key, predicted, measured)
-        write_json(self.run_dir / "calibration.json", {"key": self.plan.calibration_key, "factors": factors,
-                                                       "predicted": predicted, "measured": measured})
+        key = self.plan.calibration.key
+        entry = calibrate.record(key, self.memcheck.model_prediction or self.plan.calibration.model, measured,
+                                 source=str(self.run_dir))
+        write_json(self.run_dir / "calibration.json", {"key": key, "factors": entry.factors,
+                                                       "predicted": entry.predicted, "measured": measured})
 
     def _sigterm_agreed(self) -> bool:
         return dist.any_true(self._sigterm, self.device)

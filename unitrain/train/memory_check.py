@@ -10,7 +10,9 @@ Measured once per process, on the first step:
 - weights: parameter storages (ZeRO-3: this rank's partitions; QLoRA: NF4 codes + their quantization state);
 - optimizer: state tensors after the step, plus the fp32 master partitions ZeRO keeps.
 Each is exact tensor bytes (no allocator, no fragmentation). On CUDA the allocator's peak
-(torch.cuda.max_memory_allocated) is compared with plan.predicted_allocated as well. Results go to
+(torch.cuda.max_memory_allocated) is compared with plan.memory.allocated_peak as well. The plan's side of each
+category comes from unitrain.plan.calibrate.predicted_categories, the one mapping of measured categories to
+memory components that calibration uses too (ZeRO buffers count with the gradients on both sides). Results go to
 `memory_check.json` in the run directory and to the first metrics row; a warning names every part where the
 measurement exceeds the prediction by more than TOLERANCE.
 """
@@ -20,9 +22,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+from unitrain.plan.calibrate import activations_at, predicted_categories
 
 log = logging.getLogger("unitrain")
 TOLERANCE = 0.01  # exact byte counts; 1 % covers alignment padding of flat ZeRO buffers
@@ -107,40 +112,24 @@ class SavedTensors:
         return sum(self.saved.values())
 
 
-def predicted_components(plan, recipe, model) -> dict:
-    """The plan's bytes for the parts measured here. Saved-for-backward tensors are the plan's `activations` plus the
-    loss's saved log-probs, which the plan books under `logits_loss` (memory.activation_bytes()['head_parts'])."""
-    from unitrain.plan.memory import LoraSpec, activation_bytes, precision_for
-    from unitrain.plan.shape import model_shape
-
-    comp = {c.name: c.bytes for c in plan.memory}
-    on_cpu = (plan.resources or {}).get("gpus_per_node") == 0
-    shape = model_shape(recipe.model, model.config)
-    st = plan.strategy
-    act = activation_bytes(shape, st.micro_batch_size, plan.seq_len, st, precision_for(st, on_cpu),
-                           LoraSpec.of(recipe.method.lora))
-    return {"weights": comp.get("weights", 0) + comp.get("adapters", 0),
-            "gradients": sum(comp.get(k, 0) for k in ("gradients", "comm_buffers", "offload_buffers",
-                                                        "offload_staging")),
-            "optimizer": comp.get("optimizer", 0),
-            "activations": comp.get("activations", 0) + act["head_parts"]["loss"]}
-
-
 class MemoryCheck:
     """Used by the Trainer: watch(model) around the first forward, before_step/after_step around the first step."""
 
-    def __init__(self, plan, recipe, run_dir: Path | None):
-        self.plan, self.recipe, self.run_dir = plan, recipe, run_dir
+    def __init__(self, plan, run_dir: Path | None, shape=None, lora=None):
+        self.plan, self.run_dir, self.shape, self.lora = plan, run_dir, shape, lora
+        self.batch_shape: tuple[int, int] | None = None  # (sequences, width) of the measured micro-batch
+        self.model_prediction: dict = {}  # the model's own prediction at the measured shape (what calibration uses)
         self.done = False
         self.saved: SavedTensors | None = None
         self.measured: dict = {}
         self._weights: set = set()
         self._held: list | None = None  # tensors alive at the accumulation boundary
 
-    def watch(self, model):
+    def watch(self, model, batch_shape: tuple[int, int] | None = None):
         """Context for a forward: records saved-for-backward bytes the first time only."""
         if self.done or self.saved is not None:
             return contextlib.nullcontext()
+        self.batch_shape = tuple(batch_shape) if batch_shape is not None else None
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self.saved = SavedTensors(model)
@@ -173,12 +162,17 @@ class MemoryCheck:
         m["gradients"], _ = _bytes(self._held, exclude=self._weights | opt_keys)
         m["activations"] = self.saved.bytes
         self._held = None
-        pred = predicted_components(self.plan, self.recipe, backend.unwrap())
-        report = {"strategy": self.plan.strategy.__dict__, "measured": dict(m), "predicted": pred,
+        pred = predicted_categories(self.plan.memory.components)
+        self.model_prediction = dict(self.plan.calibration.model)
+        if self.shape is not None and self.batch_shape is not None:  # compare at the shape actually measured
+            pred["activations"], self.model_prediction["activations"] = activations_at(
+                self.plan, self.shape, self.lora, *self.batch_shape)
+        report = {"execution": asdict(self.plan.execution), "measured": dict(m), "predicted": pred,
+                  "measured_batch": self.batch_shape,
                   "tolerance": TOLERANCE, "exceeds": {}}
         if torch.cuda.is_available():
             report["measured"]["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
-            report["predicted"]["cuda_max_allocated"] = self.plan.predicted_allocated
+            report["predicted"]["cuda_max_allocated"] = self.plan.memory.allocated_peak
         for k, meas in report["measured"].items():
             p = report["predicted"].get(k)
             if p is not None and meas > p * (1 + TOLERANCE):
@@ -195,5 +189,5 @@ class MemoryCheck:
         row = {"mem_measured_mib": report["measured"]["total"] / MiB,
                "mem_predicted_mib": report["predicted"]["total"] / MiB}
         if "cuda_max_allocated" in report["measured"]:
-            row["mem_peak_predicted_gib"] = self.plan.predicted_allocated / 2**30
+            row["mem_peak_predicted_gib"] = self.plan.memory.allocated_peak / 2**30
         return row

@@ -1,31 +1,41 @@
-"""One run, in the order of DESIGN.md's flow: recipe -> data stats -> plan -> subset -> build -> train -> export."""
+"""One run, in the order of DESIGN.md's flow: recipe -> data (tokenize, clean, stats) -> plan -> subset -> build ->
+train -> export.
+
+Nothing is written into the run directory until the recipe, the resources, the data and the plan have all been
+resolved: a launch that is refused leaves the run directory as it was. A relaunch of a run that has checkpoints
+executes the run's stored plan.json (it re-plans only with `replan=True`, and then the trainer refuses to
+continue if the plan changed); recipe keys that do not change the math may change between launches, any other
+change is refused with the list of what changed (resume.py).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from unitrain import dist
 from unitrain.data import pipeline
 from unitrain.errors import UnitrainError
 from unitrain.recipe import recipe_to_yaml
+from unitrain.train import checkpoint as ckpt
+from unitrain.train import resume
 
 log = logging.getLogger("unitrain")
 
 
 def check_run_dir(recipe) -> Path:
-    """The run directory must be writable, and a fresh run never lands on someone's checkpoints."""
+    """The run directory must be creatable and writable, and a fresh run never lands on someone's checkpoints.
+    Writes nothing."""
     run_dir = recipe.run_dir
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UnitrainError(f"output folder {run_dir} is not writable ({e.strerror}); choose another with "
-                            f"output.dir=/path/with/space or fix its permissions") from None
+    probe = run_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UnitrainError(f"output folder {run_dir} is not writable ({probe} is not a writable folder); choose "
+                            f"another with output.dir=/path/with/space or fix its permissions")
     has_ckpt = any((run_dir / "checkpoints").glob("step-*"))
     if recipe.output.resume == "never" and has_ckpt and not recipe.output.overwrite:
         raise UnitrainError(f"run directory {run_dir} already holds checkpoints and output.resume=never. Continue "
@@ -35,42 +45,56 @@ def check_run_dir(recipe) -> Path:
     return run_dir
 
 
-def choose_subset(tok, recipe, plan) -> tuple[list[int] | None, dict]:
-    """Which examples fill the tokens the plan trains on (unitrain.data.select decides and explains)."""
-    if not recipe.data.select:
-        return None, {"policy": "all", "reason": "data.select=false: every example is used"}
-    sel = select_for_plan(tok, recipe, plan, recipe.data.select_encoder)
+def choose_subset(tok, cleaning, recipe, plan) -> tuple[list[int] | None, dict]:
+    """Which clean examples fill the tokens the plan decided (plan.data); the selector ranks, the plan sizes."""
+    d = plan.data
+    if d.policy == "all":
+        return list(cleaning.clean), {"policy": "all", "reason": d.reason, "n_kept": len(cleaning.clean),
+                                      "tokens_kept": cleaning.tokens, "dropped_by_reason": _counts(cleaning),
+                                      "skipped": dict(cleaning.skipped), "selector_flops": 0.0, "seconds": 0.0}
+    t0 = time.perf_counter()
+    sel = select_for_plan(tok, cleaning, recipe, plan)
     report = sel.report()
-    keys = ("policy", "reason", "epochs", "n_kept", "tokens_kept", "dropped_by_reason", "skipped", "selector_flops")
-    return sel.indices, {k: report[k] for k in keys}
+    keys = ("policy", "reason", "n_kept", "tokens_kept", "dropped_by_reason", "skipped", "selector_flops")
+    return sel.indices, {**{k: report[k] for k in keys}, "seconds": time.perf_counter() - t0}
 
 
-def select_for_plan(tok, recipe, plan, encoder):
-    """The selector on the tokenized training examples, for the tokens the plan trains on."""
+def _counts(cleaning) -> dict:
+    out: dict = {}
+    for v in cleaning.dropped.values():
+        out[v["why"]] = out.get(v["why"], 0) + 1
+    return out
+
+
+def select_for_plan(tok, cleaning, recipe, plan, encoder: str | None = "recipe"):
+    """The selector on the clean pool, filling plan.data.subset_tokens; embeddings only when the plan buys them."""
     from unitrain.data.load import default_cache_dir
     from unitrain.data.select import select_subset
 
-    budget = int(plan.total_tokens * _slot_fill(tok, recipe, plan.seq_len)) if plan.total_tokens else None
-    return select_subset(tok.train_records, budget, seq_len=plan.seq_len,
+    d = plan.data
+    if encoder == "recipe":
+        encoder = recipe.data.select_encoder if d.embed else None
+    budget_flops = plan.budget.value if plan.budget.kind == "flops" else None
+    return select_subset(tok.train_records, d.subset_tokens if d.scanned else None, seq_len=plan.seq_len,
                          seed=recipe.training.seed, encoder=encoder, batch_size=max(1, plan.global_batch_size),
+                         budget_flops=budget_flops, cleaning=cleaning,
                          cache_dir=default_cache_dir(recipe.data).parent / "embeddings")
 
 
-def _slot_fill(tok, recipe, seq_len: int) -> float:
-    """Real tokens per sequence slot, as a share of seq_len, for the examples the selector can keep.
-
-    plan.total_tokens counts slots (steps × G × seq_len), but a packed sequence holds whole examples
-    (~80-95% full) and an unpacked one a single example (often mostly padding); a subset sized in slot
-    tokens would hold more examples than the planned steps reach. Supervised examples the tokenizer cut
-    are left out of the estimate: the selector always drops them (too_long).
-    """
-    rows = tok.train if tok.format == "text" else [r for r in tok.train if not r["truncated"]] or tok.train
-    seqs = pipeline.pack(rows, tok.format, seq_len, 0, recipe.data.packing)
-    return min(1.0, sum(r["n_tokens"] for r in rows) / max(1, len(seqs) * seq_len))
+def prepare_data(recipe, tokenizer, ctx):
+    """Tokenize (rank 0 fills the caches first), clean, and measure: -> (tokenized, cleaning, stats)."""
+    if not ctx.is_main:
+        dist.barrier()
+    tok = pipeline.tokenize_data(recipe, tokenizer)
+    cleaning = pipeline.clean(tok, recipe)
+    if ctx.is_main:
+        dist.barrier()
+    return tok, cleaning, pipeline.data_stats(tok, recipe, tokenizer.pad_token_id, cleaning)
 
 
-def run_recipe(recipe, console=None):
-    """Plan, build and train one recipe; -> RunResult. Raises UnitrainError for anything the user can fix."""
+def run_recipe(recipe, console=None, *, replan: bool = False):
+    """Plan (or load the stored plan), build and train one recipe; -> RunResult. Raises UnitrainError for anything
+    the user can fix."""
     from unitrain import model as M
     from unitrain.plan import make_plan
     from unitrain.resources import resolve_resources
@@ -79,38 +103,41 @@ def run_recipe(recipe, console=None):
     ctx = dist.init()
     try:
         run_dir = check_run_dir(recipe) if ctx.is_main else recipe.run_dir
-        dist.barrier()
         spec = resolve_resources(recipe.resources, world_size=ctx.world if ctx.world > 1 else None)
         tokenizer = M.load_tokenizer(recipe.model, recipe.base_dir)
         model_config = M.load_config(recipe.model, recipe.base_dir)
         if recipe.model.max_layers:
             model_config.num_hidden_layers = min(model_config.num_hidden_layers, recipe.model.max_layers)
-        if not ctx.is_main:
-            dist.barrier()  # rank 0 fills the tokenization cache first
-        tok = pipeline.tokenize_data(recipe, tokenizer)
-        if ctx.is_main:
-            dist.barrier()
-        stats = pipeline.data_stats(tok, recipe, tokenizer.pad_token_id)
-        plan = make_plan(recipe, spec, model_config, stats, world_size=ctx.world)
-        keep, subset = choose_subset(tok, recipe, plan)
+        tok, cleaning, stats = prepare_data(recipe, tokenizer, ctx)
+        resuming = ckpt.find_resume(run_dir / "checkpoints", recipe.output.resume) is not None
+        stored = resume.stored_plan(run_dir, recipe) if resuming and not replan else None
+        plan = stored or make_plan(recipe, spec, model_config, stats, world_size=ctx.world)
+        if stored is not None:
+            resume.check_data(plan, stats)
+        keep, subset = choose_subset(tok, cleaning, recipe, plan)
         data = pipeline.finalize(tok, recipe, tokenizer.pad_token_id, keep, subset)
-        if len(data.train) < plan.global_batch_size // max(1, plan.world_size) and len(data.train) < 1:
+        if len(data.train) < 1:
             raise UnitrainError("the training data packs into no sequence; add data or lower data.max_length")
-        plan.data.update({"examples": data.stats.n_examples, "tokens": data.stats.total_tokens,
-                          "sequences": len(data.train), "skipped": data.skipped, "subset": subset})
+        # Everything is resolved: only now does the run directory change.
         if ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
             plan.save(run_dir / "plan.json")
+            (run_dir / "selection.json").write_text(json.dumps(subset, indent=1, default=float))
+            if stored is not None:
+                _say(console, f"resuming: executing the stored plan {run_dir / 'plan.json'}")
             _print_plan(plan, console)
-        model = M.load_model(recipe.model, plan.strategy, recipe.training.seed, recipe.base_dir)
-        model = M.apply_method(model, plan.strategy.method, recipe.method.lora, plan.strategy.checkpointing)
-        M.apply_checkpointing(model, plan.strategy.checkpointing)
-        kernel_report = M.apply_kernels(model, plan.strategy.kernels, recipe.training.kernels)
+        dist.barrier()
+        model = M.load_model(recipe.model, plan.execution, recipe.training.seed, recipe.base_dir)
+        model = M.apply_method(model, plan.execution.method, recipe.method.lora, plan.execution.checkpointing)
+        M.apply_checkpointing(model, plan.execution.checkpointing)
+        kernel_report = M.apply_kernels(model, plan.execution.kernels, recipe.training.kernels)
         if kernel_report is not None and ctx.is_main:
             _say(console, f"kernels: {kernel_report}")
         trainer = Trainer(recipe, plan, data, model, tokenizer, run_dir, console)
         try:
-            return _train_and_score(trainer, recipe, data, tok, run_dir, ctx)
+            return _train_and_score(trainer, recipe, data, tok, run_dir, ctx,
+                                    (subset.get("selector_flops", 0.0), subset.get("seconds", 0.0)))
         except Exception as e:
             if dist.is_peer_failure(e):
                 raise UnitrainError(
@@ -122,13 +149,13 @@ def run_recipe(recipe, console=None):
         dist.shutdown()
 
 
-def _train_and_score(trainer, recipe, data, tok, run_dir, ctx):
+def _train_and_score(trainer, recipe, data, tok, run_dir, ctx, selection_cost):
     """setup -> (exact match before) -> train -> (exact match after) -> summary.json."""
     from unitrain.train.loop import write_json
 
-    trainer.setup()
+    trainer.setup(selection_cost)
     em_n = recipe.training.exact_match_examples if tok.format != "text" else 0
-    if em_n and ctx.world > 1 and trainer.plan.strategy.zero_stage == 3:
+    if em_n and ctx.world > 1 and trainer.plan.execution.zero_stage == 3:
         em_n = 0  # generation runs on rank 0 alone; ZeRO-3 would need every rank for each forward
         log.warning("exact match skipped: not supported with ZeRO-3 across several ranks")
     em_before = _exact_match(trainer, data, recipe, em_n) if em_n and trainer.step == 0 and ctx.is_main else None
@@ -163,7 +190,7 @@ def _print_plan(plan, console) -> None:
 
         print_plan(plan, console)
     except ImportError:
-        _say(console, json.dumps(plan.to_dict(), indent=1, default=str)[:2000])
+        _say(console, plan.to_json()[:2000])
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

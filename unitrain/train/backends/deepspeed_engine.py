@@ -8,6 +8,8 @@ are adapted to it:
 - engine.step() is called after every micro-batch (DeepSpeed counts micro-steps to find the accumulation
   boundary, where ZeRO-2/3 reduce and the optimizer steps). The boundary's step() is deferred to the
   trainer's backend.step(), so `lr` read before it is the LR this update uses, exactly as on the torch path.
+- The engine config is the plan's (`plan.execution.deepspeed`, made by unitrain/plan/deepspeed.py): exactly
+  what `unitrain plan --deepspeed-config` writes.
 - The optimizer is the one build_optimizer makes for the torch path (torch AdamW, bitsandbytes AdamW8bit or
   PagedAdamW8bit) with the same parameter groups (no weight decay on 1-D tensors), handed to DeepSpeed as
   a client optimizer: no DeepSpeed C++ op is compiled, and the update is the torch path's update.
@@ -20,6 +22,7 @@ partition). A ZeRO-3 model is exported from a state dict gathered onto rank 0 la
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import socket
@@ -71,34 +74,17 @@ def _forget_deepspeed_groups() -> None:
     groups.mesh_device = None
 
 
-def engine_config(plan, recipe) -> dict:
-    """The plan's DeepSpeed config (strategy.deepspeed_config) adapted to a client optimizer and our loop."""
-    from unitrain.strategy import deepspeed_config
-
-    cfg = deepspeed_config(plan, recipe)
-    cfg.pop("optimizer", None)  # the client optimizer from build_optimizer replaces it (same groups as torch)
-    cfg.pop("scheduler", None)  # the client LambdaLR replaces it
-    cfg["zero_allow_untested_optimizer"] = True  # bitsandbytes 8-bit / paged AdamW inside ZeRO
-    cfg["zero_force_ds_cpu_optimizer"] = False  # offload with torch's AdamW: no DeepSpeedCPUAdam C++ build
-    if plan.strategy.zero_stage == 3:
-        # DeepSpeed's default replaces torch.nn.functional.linear process-wide (for every later model too) with a
-        # function that also saves the input of frozen linears (LoRA: T·(2h + I) more bytes per layer than the
-        # planner counts). Plain F.linear works under ZeRO-3: its saved weight is re-gathered for backward.
-        cfg["zero_optimization"]["memory_efficient_linear"] = False
-    return cfg
-
-
 class DeepSpeedBackend:
-    """deepspeed.initialize from the Plan; the five calls the trainer makes (see strategy.TorchBackend)."""
+    """deepspeed.initialize from the Plan; the calls the trainer makes (see torch_backend.TorchBackend)."""
 
     name = "deepspeed"
 
     def __init__(self, plan, model, recipe, schedule: Schedule):
         import deepspeed
 
-        from unitrain.strategy import build_optimizer
+        from unitrain.train.backends.optimizer import build_optimizer
 
-        s, t = plan.strategy, recipe.training
+        s, t = plan.execution, recipe.training
         if s.zero_stage == 3 and recipe.output.merge and s.method != "full":
             raise UnitrainError("output.merge=true cannot merge a LoRA adapter into a ZeRO-3 partitioned model; set "
                                 "output.merge=false and merge the exported adapter afterwards "
@@ -106,7 +92,7 @@ class DeepSpeedBackend:
         self.plan, self.method, self.zero_stage = plan, s.method, s.zero_stage
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury the run's own output
         ensure_process_group()
-        self.config = engine_config(plan, recipe)
+        self.config = copy.deepcopy(s.deepspeed)  # DeepSpeed writes into the dict it is given
         optimizer = build_optimizer(model, s.optimizer, t.lr, t.weight_decay, t.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
