@@ -1,4 +1,4 @@
-"""Shared fixtures: offline mode, a persistent test cache, the real data folder, tiny recipes."""
+"""Shared fixtures: offline mode, a persistent test cache, the real data folder, tiny recipes on generated data."""
 
 from __future__ import annotations
 
@@ -23,6 +23,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("UNITRAIN_CACHE", str(REPO / ".cache" / "test"))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_data: reads the real datasets in ../shared/data "
+                                       "(tests/test_real_data.py); skipped with a reason where that folder is absent")
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
@@ -42,8 +47,11 @@ def isolated_calibration(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
+    """The real datasets, for the few checks whose point is real data (tests/test_real_data.py); mechanism tests use
+    generated data (tests/synth.py, `builtin:skills`) and run on a fresh clone."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data folder {SHARED_DATA} is missing (it sits beside the repository on dev and CI machines)")
+        pytest.skip(f"real data folder {SHARED_DATA} is missing (it sits beside the repository on the project's dev "
+                    f"machines); only the real-data checks need it")
     return SHARED_DATA
 
 
@@ -66,15 +74,16 @@ TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128
 
 
 @pytest.fixture
-def tiny_recipe(tmp_path, smollm2_dir, shared_data):
-    """A factory: a validated Recipe for a tiny Llama (SmolLM2 tokenizer) on GSM8K, writing into tmp_path."""
+def tiny_recipe(tmp_path, smollm2_dir):
+    """A factory: a validated Recipe for a tiny Llama (SmolLM2 tokenizer) on the built-in generated qa data
+    (`builtin:skills`, shipped with unitrain), writing into tmp_path."""
     from unitrain.recipe import apply_overrides, validate
 
     def make(**overrides):
         data = {
             "name": "tiny",
             "model": {"config": dict(TINY_LLAMA), "tokenizer": str(smollm2_dir)},
-            "data": {"train": str(shared_data / "gsm8k" / "train.jsonl"), "max_examples": 64, "eval_split": 16,
+            "data": {"train": "builtin:skills", "max_examples": 64, "eval_split": 16,
                      "max_length": 128, "select": False},
             "method": {"name": "full"},
             "training": {"lr": 3e-3, "global_batch_size": 4, "micro_batch_size": 2, "max_steps": 6, "eval_every": 3,

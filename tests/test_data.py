@@ -1,8 +1,7 @@
-"""Data formats on real data: detection, chat-template loss masks, packing, splits, caching, bad input."""
+"""Data formats on generated data (tests/synth.py): detection, chat-template loss masks, packing, splits, caching,
+bad input. The same pipeline on the real files in ../shared/data: tests/test_real_data.py."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -12,6 +11,8 @@ from unitrain.data.formats import detect_format, row_to_example
 from unitrain.data.pack import BatchOrder, pack_examples
 from unitrain.data.tokenize import IGNORE, tokenize_example
 from unitrain.errors import DataError
+
+import synth  # tests/synth.py
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,9 @@ def test_detect_formats_and_field_mapping():
         detect_format(["question", "answer"], {}, "instruction")
 
 
-def test_gsm8k_loss_only_on_the_answer(tokenizer, shared_data):
-    row = json.loads((shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()[0])
+def test_qa_loss_only_on_the_answer(tokenizer):
+    row = synth.word_problems(1, seed=3)[0]  # a multi-sentence question, a multi-line worked answer
+    assert "\n" in row["answer"]
     ex = tokenize_example(row_to_example(row, "qa", {}, None, 0), tokenizer, 1024, use_template=True)
     trained = _loss_text(tokenizer, ex)
     assert trained.startswith(row["answer"]) and trained.endswith("<|im_end|>\n")
@@ -63,10 +65,12 @@ def test_instruction_format_without_template_uses_plain_layout(tokenizer):
     assert _loss_text(tokenizer, ex).strip().startswith("hello")
 
 
-def test_raw_text_trains_every_token_and_is_cut_by_packing_not_truncated(tokenizer, shared_data):
+def test_raw_text_trains_every_token_and_is_cut_by_packing_not_truncated(tokenizer):
+    import random
+
     from unitrain.data.pack import pack_text
 
-    text = (shared_data / "tinyshakespeare" / "input.txt").read_text()[:2000]
+    text = synth.document(random.Random(0), 600)[:2000]
     ex = tokenize_example(row_to_example({"text": text}, "text", {}, None, 0), tokenizer, 64, True)
     assert not ex["truncated"] and ex["n_tokens"] > 64 and ex["labels"] == ex["input_ids"]
     seqs = pack_text([ex], 64, pad_id=0)
@@ -95,10 +99,19 @@ def test_batch_order_is_deterministic_disjoint_and_covers_each_epoch():
     assert not (order.step_indices(3) == order.step_indices(0)).all()  # epoch 1 is reshuffled
 
 
-@pytest.mark.parametrize("source,fmt", [("gsm8k/train.jsonl", "qa"), ("pretrain/c4_demo.jsonl", "text"),
-                                        ("tinyshakespeare/input.txt", "text")])
-def test_pipeline_on_real_data(tiny_recipe, shared_data, tokenizer, source, fmt):
-    r = tiny_recipe(**{"data.train": str(shared_data / source), "data.max_examples": 40})
+def _write_source(tmp_path, kind: str):
+    if kind == "qa":
+        return synth.write_jsonl(tmp_path / "qa.jsonl", synth.word_problems(60, seed=1))
+    if kind == "text_jsonl":
+        return synth.write_jsonl(tmp_path / "docs.jsonl", synth.documents(60, seed=1))
+    path = tmp_path / "book.txt"  # plain text: one row per paragraph
+    path.write_text("\n\n".join(d["text"] for d in synth.documents(30, seed=2)))
+    return path
+
+
+@pytest.mark.parametrize("kind,fmt", [("qa", "qa"), ("text_jsonl", "text"), ("txt", "text")])
+def test_pipeline_on_each_kind_of_file(tiny_recipe, tokenizer, tmp_path, kind, fmt):
+    r = tiny_recipe(**{"data.train": str(_write_source(tmp_path, kind)), "data.max_examples": 40})
     tok = pipeline.tokenize_data(r, tokenizer)
     assert tok.format == fmt and len(tok.train) > 0 and len(tok.eval) > 0
     data = pipeline.finalize(tok, r, tokenizer.pad_token_id)

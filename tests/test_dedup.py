@@ -1,7 +1,5 @@
-"""Duplicate detection on real data: pairs verified by hand are found, and nothing but true pairs is flagged."""
-
-import json
-from pathlib import Path
+"""Duplicate detection on generated data with planted duplicates: exactly the planted pairs are found, and the MinHash
+index agrees with an exact all-pairs check. The hand-read pairs of ARC-Easy and GSM8K: tests/test_real_data.py."""
 
 import numpy as np
 import pytest
@@ -9,33 +7,56 @@ from scipy import sparse
 
 from unitrain.data import dedup
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+import synth  # tests/synth.py
 
-# ARC-Easy near-duplicates, read by hand: the same question with a typo fixed ("n 1931" / "In 1931",
-# "go" / "got", "is is" / "it is", "animal" / "animals"), a word added ("this second sample") or a
-# lead-in added ("Use the information below ..."); the earlier row is kept.
-ARC_NEAR_DUPS = {1302: 1078, 1401: 768, 1250: 154, 807: 145, 598: 270, 2141: 1252}
-# Same passage, different question and answer: similar (Jaccard 0.63) but not a duplicate.
-ARC_NOT_DUP = (1056, 1264)
-# GSM8K: the same problem with only the name changed (Josie / Amanda), solved in other words.
-GSM8K_SAME_QUESTION = (2483, 6691)
-# GSM8K: a variant with an extra clause and another answer (96 vs 132): not the same question.
-GSM8K_VARIANT = (2228, 6119)
+LEAD_IN = "Use the information below to answer the question. "
 
 
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"real data not found at {path} (the shared data folder ../shared/data is absent)")
-    return path
+def problem_texts(n: int, seed: int) -> list[str]:
+    return [r["question"] + "\n" + r["answer"] for r in synth.word_problems(n, seed=seed)]
 
 
-def arc_texts() -> list[str]:
-    rows = [json.loads(line) for line in _need(DATA / "eval" / "arc_easy.jsonl").open()]
-    return [r["query"] + "\n" + "\n".join(r["choices"]) + "\n" + r["choices"][r["gold"]] for r in rows]
+def _typos(t: str, k: int = 1) -> str:  # two letters swapped in each of the first k long words
+    for w in [w for w in dict.fromkeys(t.split(" ")) if len(w) >= 6 and w.isalpha()][:k]:
+        t = t.replace(w, w[0] + w[2] + w[1] + w[3:], 1)
+    return t
 
 
-def gsm8k() -> list[dict]:
-    return [json.loads(line) for line in _need(DATA / "gsm8k" / "train.jsonl").open()]
+def _word_added(t: str) -> str:
+    w = t.split(" ")
+    return " ".join(w[:10] + ["really"] + w[10:])
+
+
+def _word_dropped(t: str) -> str:
+    w = t.split(" ")
+    return " ".join(w[:20] + w[21:])
+
+
+# Edits that keep a copy a near duplicate (Jaccard >= 0.8), the last one just: three typos (0.83 on its row).
+PLANTED_EDITS = [_typos, _word_added, lambda t: LEAD_IN + t, lambda t: t.replace(". ", "! ", 1), _word_dropped,
+                 lambda t: _typos(t, 3)]
+
+
+def planted_corpus() -> tuple[list[str], dict[int, int], list[tuple[int, int]]]:
+    """1000 generated problems, then edited copies of earlier rows, as ARC's hand-read near duplicates are: a typo,
+    a word added, a lead-in added, punctuation only, a word dropped, three typos; and two close calls that are not
+    duplicates: a row that shares a long question and its first steps with an earlier one but asks and answers
+    something else (Jaccard 0.63, as ARC's shared passage), and a copy with six typos (0.71).
+    -> (texts, {duplicate: the earlier row it copies}, [(close call, its earlier row)])."""
+    texts = problem_texts(1000, seed=5)
+    long_rows = [i for i, t in enumerate(texts) if 70 <= len(t.split()) <= 120][:8]
+    dups = {}
+    for base, edit in zip(long_rows, PLANTED_EDITS):
+        assert edit(texts[base]) != texts[base]
+        dups[len(texts)] = base
+        texts.append(edit(texts[base]))
+    close = long_rows[6]  # its story and first steps, then another question and answer
+    question, _, answer = texts[close].partition("\n")
+    texts.append(question.rsplit(".", 1)[0] + ". How many did the friends give in all?\n"
+                 + "\n".join(answer.split("\n")[:-2]) + "\nAdding every gift gives the total.\n"
+                 "The friends gave 41 in all.\n#### 41")
+    texts.append(_typos(texts[long_rows[7]], 6))
+    return texts, dups, [(len(texts) - 2, close), (len(texts) - 1, long_rows[7])]
 
 
 def brute_force_near_dups(texts: list[str], threshold: float) -> dict[int, int]:
@@ -61,33 +82,43 @@ def brute_force_near_dups(texts: list[str], threshold: float) -> dict[int, int]:
     return dups
 
 
-def test_arc_known_near_duplicates_and_nothing_else():
-    texts = arc_texts()
+def test_planted_near_duplicates_and_nothing_else():
+    texts, planted, close = planted_corpus()
+    # The test means something on both sides of the threshold: a copy just above it, close calls below it
+    assert 0.8 <= min(dedup.pair_similarity(texts, i, j) for i, j in planted.items()) < 0.85
+    assert [0.5 < dedup.pair_similarity(texts, i, j) < 0.8 for i, j in close] == [True, True]
+    assert max(dedup.pair_similarity(texts, i, j) for i, j in close) > 0.7
     found = dedup.near_duplicates(enumerate(texts), threshold=0.8)
     pairs = {i: j for i, (j, _) in found.items()}
-    for dup, kept in ARC_NEAR_DUPS.items():
-        assert pairs.get(dup) == kept, f"ARC row {dup} should be a near duplicate of {kept}"
-    assert ARC_NOT_DUP[1] not in pairs
+    assert pairs == planted  # every planted copy, pointing at its original; the close calls are not ones
     # Every pair the MinHash index reports has a true Jaccard >= 0.8, and it misses none (exact check).
     for i, (j, jac) in found.items():
         assert dedup.pair_similarity(texts, i, j) == pytest.approx(jac) and jac >= 0.8
     assert pairs == brute_force_near_dups(texts, 0.8)
 
 
-def test_gsm8k_full_text_has_no_near_duplicates_but_one_repeated_question():
-    rows = gsm8k()
-    full = [r["question"] + "\n" + r["answer"] for r in rows]
-    assert dedup.near_duplicates(enumerate(full)) == {}  # verified: the worked solutions always differ
-    q = dedup.near_duplicates(enumerate(r["question"] for r in rows), threshold=0.8)
-    assert set(q) == {GSM8K_SAME_QUESTION[1]}
-    assert q[GSM8K_SAME_QUESTION[1]][0] == GSM8K_SAME_QUESTION[0]
-    assert q[GSM8K_SAME_QUESTION[1]][1] == pytest.approx(0.9333, abs=1e-3)
-    assert dedup.pair_similarity([r["question"] for r in rows], *GSM8K_VARIANT) < 0.8
+def test_generated_problems_have_no_near_duplicates_but_the_repeated_question():
+    """What the selection tests rely on: generated rows are distinct, in full and by question, at Jaccard 0.8 (and
+    even 0.5); the hand-written repeated question is found on its question only, the variant is not."""
+    rows = [(r["question"], r["answer"]) for r in synth.word_problems(1500, seed=0)]
+    same, variant = synth.REPEATED_QUESTION, synth.VARIANT_QUESTION
+    rows[100:100] = [same[0]]
+    rows[900:900] = [variant, same[1]]  # at 900 and 901
+    full = [q + "\n" + a for q, a in rows]
+    questions = [q for q, _ in rows]
+    assert dedup.near_duplicates(enumerate(full)) == {}
+    assert brute_force_near_dups(full, 0.5) == {}
+    q = dedup.near_duplicates(enumerate(questions), threshold=0.8)
+    assert set(q) == {901} and q[901][0] == 100
+    assert q[901][1] == pytest.approx(dedup.pair_similarity(questions, 100, 901)) and q[901][1] >= 0.8
+    assert dedup.pair_similarity(questions, 100, 900) < 0.8
+    assert set(brute_force_near_dups(questions, 0.5)) == {900, 901}  # the variant is close, just not a duplicate
 
 
 def test_exact_duplicates_ignore_case_whitespace_and_unicode_forms():
-    rows = gsm8k()[:300]
-    texts = [(i, r["question"] + "\n" + r["answer"]) for i, r in enumerate(rows)]
+    texts = list(enumerate(problem_texts(300, seed=1)))
+    texts[5] = (5, "\n".join(synth.REPEATED_QUESTION[0]))
+    assert "$" in texts[5][1]
     copies = {300: 5, 301: 17, 302: 5}
     texts += [(300, "  " + texts[5][1].upper().replace(" ", "\t ")), (301, texts[17][1].replace("\n", " \n\n")),
               (302, texts[5][1].replace("$", "\uff04"))]  # fullwidth dollar: NFKC folds it

@@ -1,4 +1,5 @@
-"""`unitrain select` on a real GSM8K slice: subset + report, determinism, every drop explained, the run's path."""
+"""`unitrain select` on 150 generated word problems (tests/synth.py): subset + report, determinism, every drop
+explained, the run's path."""
 
 from __future__ import annotations
 
@@ -10,23 +11,25 @@ import pytest
 from unitrain.cli import main
 from unitrain.recipe import recipe_to_yaml
 
-N_ROWS = 150  # real GSM8K training rows; planted below: one exact and one near duplicate of short rows
+import synth  # tests/synth.py
+
+N_ROWS = 150  # generated GSM8K-like training rows; planted below: one exact and one near duplicate of short rows
 FILTER_REASONS = {"missing_text", "invalid_utf8", "empty", "too_long", "truncated_answer"}
 DUP_REASONS = {"exact_duplicate", "near_duplicate", "embedding_duplicate"}
 
 
 @pytest.fixture
-def slice_recipe(tmp_path, tiny_recipe, shared_data):
-    """A recipe file on GSM8K rows 0..149 plus a copy of the shortest (case and spacing changed) and the
+def slice_recipe(tmp_path, tiny_recipe):
+    """A recipe file on 150 generated problems plus a copy of the shortest (case and spacing changed) and the
     second shortest with one word added; a fixed 16-row eval file, so every training row reaches the selector.
     -> (the two planted sources, make(**overrides) -> (Recipe, its yaml path))."""
-    rows = [json.loads(line) for line in (shared_data / "gsm8k" / "train.jsonl").open()][:N_ROWS]
+    rows = synth.word_problems(N_ROWS, seed=0)
     a, b = sorted(rows, key=lambda r: len(r["question"] + r["answer"]))[:2]  # short: never too_long
     copy = {"question": "  " + a["question"].upper(), "answer": a["answer"].replace(" ", "  ")}
     near = {"question": b["question"], "answer": b["answer"].replace(" ", " so ", 1)}
     train, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows + [copy, near]))
-    held.write_text("".join(line for _, line in zip(range(16), (shared_data / "gsm8k" / "test.jsonl").open())))
+    synth.write_jsonl(held, synth.word_problems(16, seed=99))
 
     def make(**overrides):
         recipe = tiny_recipe(**{"data.train": str(train), "data.eval": str(held), "data.max_examples": None,

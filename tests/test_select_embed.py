@@ -1,6 +1,7 @@
-"""Embedding signals with the bundled all-MiniLM-L6-v2, on a few hundred real rows (offline)."""
+"""Embedding signals with the bundled all-MiniLM-L6-v2 (offline) on a few hundred generated rows (tests/synth.py):
+GSM8K-like word problems and ARC-like quiz questions, two topics; hand-written pairs for semantic duplicates.
+ARC-Easy's own duplicates: tests/test_real_data.py."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +12,9 @@ from unitrain.data import select as sel
 from unitrain.data.score import read_rows
 from unitrain.errors import DataError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-N_GSM = 150
-ARC_SAME = [(1078, 1302), (768, 1401), (154, 1250), (145, 807), (1252, 2141)]  # typo-level edits, read by hand
-ARC_DIFFERENT = [(1056, 1264), (1055, 2359)]  # shared passage / shared topic, different questions
+import synth  # tests/synth.py
 
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"real data not found at {path} (the shared data folder ../shared/data is absent)")
-    return path
+N_PROBLEMS = 150
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,16 +34,15 @@ def encoder():
     return embed.load_encoder("default")
 
 
-def arc_records() -> list[dict]:
-    rows = [json.loads(line) for line in _need(DATA / "eval" / "arc_easy.jsonl").open()]
-    return [{"prompt": r["query"] + "\n" + "\n".join(r["choices"]), "response": r["choices"][r["gold"]]} for r in rows]
+def quiz_records(n: int) -> list[dict]:
+    return [synth.quiz_record(r) for r in synth.quiz(n, seed=0)]
 
 
 @pytest.fixture(scope="module")
 def mixed() -> list[dict]:
-    """150 GSM8K problems and 75 ARC questions: two topics the clusters must keep apart."""
-    g = [json.loads(line) for line in _need(DATA / "gsm8k" / "train.jsonl").open()][:N_GSM]
-    return [{"prompt": r["question"], "response": r["answer"]} for r in g] + arc_records()[:75]
+    """150 word problems and 75 quiz questions: two topics the clusters must keep apart."""
+    g = synth.word_problems(N_PROBLEMS, seed=0)
+    return [{"prompt": r["question"], "response": r["answer"]} for r in g] + quiz_records(75)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +60,7 @@ def test_bf16_fast_path_keeps_the_fp32_embeddings(encoder, tmp_path):
     ones to cosine ≥ 0.9999, and cached embeddings are kept apart by precision."""
     from dataclasses import replace
 
-    texts = [sel.embed_text(r, encoder.max_tokens) for r in read_rows(arc_records()[:64])[0]]
+    texts = [sel.embed_text(r, encoder.max_tokens) for r in read_rows(quiz_records(64))[0]]
     fp32 = replace(encoder, autocast="float32")
     want, _ = embed.embed_texts(texts, fp32, cache_dir=tmp_path)
     assert encoder.autocast == embed.cpu_autocast_dtype("cpu") and embed.cpu_autocast_dtype("cuda") == "float32"
@@ -84,15 +77,20 @@ def test_unloadable_encoder_names_the_fix():
         embed.load_encoder("no-such-org/no-such-encoder")
 
 
-def test_semantic_duplicates_on_arc(encoder):
-    recs = arc_records()
-    ids = sorted({i for p in ARC_SAME + ARC_DIFFERENT for i in p})
-    rows, _ = read_rows([recs[i] for i in ids])
+def test_semantic_duplicates_are_the_typo_level_pairs(encoder):
+    same, different = synth.SEMANTIC_SAME, synth.SEMANTIC_DIFFERENT
+    records = [r for pair in same + different for r in pair]  # pair k at rows 2k, 2k + 1
+    rows, _ = read_rows(records)
     e, flops = embed.embed_texts([sel.embed_text(r, encoder.max_tokens) for r in rows], encoder)
     assert flops > 0 and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
-    found = dedup.embedding_duplicates(e, np.zeros(len(ids), dtype=int), threshold=sel.EMBED_DUP_COSINE)
-    pairs = {(ids[j], ids[i]) for i, (j, _) in found.items()}
-    assert pairs == set(ARC_SAME)  # head + tail keeps 1056/1264 apart (same passage, other question)
+    found = dedup.embedding_duplicates(e, np.zeros(len(rows), dtype=int), threshold=sel.EMBED_DUP_COSINE)
+    assert {i: j for i, (j, _) in found.items()} == {2 * k + 1: 2 * k for k in range(len(same))}
+    # Head + tail keeps the shared-passage pair apart: its start alone (what a plain truncation at max_tokens
+    # would embed) is the same text.
+    k = 2 * len(same)
+    assert len(rows[k].text) > 4 * encoder.max_tokens
+    heads, _ = embed.embed_texts([r.text[:4 * encoder.max_tokens] for r in rows[k:k + 2]], encoder)
+    assert float(heads[0] @ heads[1]) >= sel.EMBED_DUP_COSINE > float(e[k] @ e[k + 1])
 
 
 def test_policy_and_clusters_with_embeddings(mixed, cache):
@@ -110,13 +108,13 @@ def test_policy_and_clusters_with_embeddings(mixed, cache):
     d_small, d_large = (np.array(s.scores["prototype_distance"]) for s in (small, large))
     assert d_small[small.indices].mean() < np.nanmean(d_small) - 0.03
     assert d_large[large.indices].mean() > np.nanmean(d_large) + 0.01
-    # Stratified: GSM8K and ARC keep their token shares, to within about one example's tokens
+    # Stratified: word problems and quiz questions keep their token shares, to within about one example's tokens
     # (the small budget keeps ~25 examples of ~100 tokens, drawn from a random candidate set).
     tok = np.array(small.scores["n_tokens"])
     for s, tol in ((small, 0.08), (large, 0.02)):
         kept = np.array(s.indices)
-        share_gsm = tok[kept[kept < N_GSM]].sum() / tok[kept].sum()
-        assert abs(share_gsm - tok[:N_GSM].sum() / tok.sum()) < tol
+        share_problems = tok[kept[kept < N_PROBLEMS]].sum() / tok[kept].sum()
+        assert abs(share_problems - tok[:N_PROBLEMS].sum() / tok.sum()) < tol
     for i, d in small.dropped.items():
         assert d["why"] in ("not_selected", "embedding_duplicate", "near_duplicate")
         if d["why"] == "embedding_duplicate":
@@ -124,7 +122,7 @@ def test_policy_and_clusters_with_embeddings(mixed, cache):
 
 
 def test_reproducible_with_embeddings(mixed, cache):
-    recs = mixed[:70] + mixed[N_GSM:N_GSM + 40]
+    recs = mixed[:70] + mixed[N_PROBLEMS:N_PROBLEMS + 40]
     a = sel.select_subset(recs, 4_000, seq_len=1024, seed=3)  # fresh embeddings against the cached ones
     b = sel.select_subset(recs, 4_000, seq_len=1024, seed=3, cache_dir=cache)
     c = sel.select_subset(recs, 4_000, seq_len=1024, seed=4, cache_dir=cache)

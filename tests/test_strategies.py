@@ -18,6 +18,7 @@ import sys
 import pytest
 import torch
 
+import synth  # tests/synth.py
 from conftest import sigterm_after
 from unitrain.errors import MissingPackageError
 from unitrain.train.run import run_recipe
@@ -32,9 +33,17 @@ BASE = {"data.select": False, "data.eval_split": 4}  # the same examples for eve
 _REFERENCE: dict = {}  # torch-path runs shared by the parametrized comparisons (method -> losses, weights)
 
 
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory):
+    """The built-in skills rows as raw text: packed into full max_length blocks, so every batch has the planned shape
+    and the measured activations must equal the prediction exactly (qa examples shorter than max_length would give
+    shorter batches); and learnable in the 4 steps a test runs."""
+    return synth.write_jsonl(tmp_path_factory.mktemp("data") / "skills.jsonl", synth.skills_documents(80, seed=1))
+
+
 @pytest.fixture
-def recipe(tiny_recipe):
-    return lambda **kw: tiny_recipe(**{**BASE, **kw})
+def recipe(tiny_recipe, documents):
+    return lambda **kw: tiny_recipe(**{**BASE, "data.train": str(documents), **kw})
 
 
 def _losses(run_dir) -> list[float]:
@@ -224,7 +233,7 @@ def test_qlora_trains_and_its_adapter_reloads_with_identical_outputs(recipe, mon
     r = recipe(**{"method.name": "qlora", "training.lr": 1e-2}, **FAST)
     res = run_recipe(r)
     losses = _losses(res.run_dir)
-    assert losses[-1] < losses[0] - 0.1
+    assert losses[-1] < losses[0] - 0.2  # 10.80 -> 10.52 here; a tenth of the lr leaves 10.66
     q = at_export["4bit"][0].weight.quant_state
     assert len(at_export["4bit"]) == 7 * 2 and q.quant_type == "nf4" and q.nested  # all linears, double quant
     plan = Plan.load(res.run_dir / "plan.json")
