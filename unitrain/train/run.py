@@ -20,7 +20,7 @@ def check_run_dir(recipe) -> Path:
     run_dir = recipe.run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{os.getpid()}"  # per process: a concurrent run must not delete ours
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -74,11 +74,14 @@ def run_recipe(recipe, console=None):
     from unitrain import model as M
     from unitrain.plan import make_plan
     from unitrain.resources import resolve_resources
+    from unitrain.train.lock import RunLock
     from unitrain.train.loop import Trainer
 
     ctx = dist.init()
+    lock = None
     try:
         run_dir = check_run_dir(recipe) if ctx.is_main else recipe.run_dir
+        lock = RunLock(run_dir, lambda m: _say(console, m)).acquire() if ctx.is_main else None  # one run per dir
         dist.barrier()
         spec = resolve_resources(recipe.resources, world_size=ctx.world if ctx.world > 1 else None)
         tokenizer = M.load_tokenizer(recipe.model, recipe.base_dir)
@@ -119,6 +122,8 @@ def run_recipe(recipe, console=None):
                     f"output.resume=auto to continue") from None
             raise
     finally:
+        if lock is not None:
+            lock.release()
         dist.shutdown()
 
 
