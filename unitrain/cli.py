@@ -118,13 +118,10 @@ def cmd_plan(args, console) -> int:
     from unitrain.plan.report import print_plan
 
     recipe = _load(args, _resource_overrides(args))
+    _preflight_plan(recipe)
     stats = None
-    if args.scan_data:
-        from unitrain import model as M
-        from unitrain.data import pipeline
-
-        tok = M.load_tokenizer(recipe.model, recipe.base_dir)
-        stats = pipeline.data_stats(pipeline.tokenize_data(recipe, tok), recipe, tok.pad_token_id)
+    if args.scan_data or _budget_pays_for_evals(recipe):
+        stats = _scan(recipe, console, required=args.scan_data)
     plan = make_plan(recipe, data_stats=stats)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2, default=str))
@@ -140,6 +137,47 @@ def cmd_plan(args, console) -> int:
             console.print(f"note: the plan's optimizer is bitsandbytes {plan.strategy.optimizer}; the config names "
                           f"none, so pass it to deepspeed.initialize(optimizer=...) yourself (unitrain run does)")
     return 0
+
+
+def _preflight_plan(recipe) -> None:
+    """The config checks `unitrain run` makes before loading anything (typos in model.config, LoRA targets,
+    max_length past the model's positions), so a plan that passes is one that run accepts."""
+    from unitrain import preflight
+    from unitrain.plan.shape import load_model_config
+
+    preflight.check_model(recipe, load_model_config(recipe.model, recipe.base_dir)[0])
+
+
+def _budget_pays_for_evals(recipe) -> bool:
+    """A budget also pays for the evals, whose cost depends on the eval split's tokens: `run` counts them, so a plan
+    without them would accept a budget that run refuses. Local data is scanned to count them (as --scan-data)."""
+    d, t = recipe.data, recipe.training
+    if not recipe.resources.budget or t.max_steps or not (d.eval or d.eval_split > 0):
+        return False
+    local = [p for p in (d.train, d.eval) if p]
+    return all(p.startswith("builtin:") or recipe.resolve_path(p).exists() for p in local)
+
+
+def _scan(recipe, console, required: bool):
+    """Data statistics for the planner; notes go to stderr (stdout may be --json)."""
+    from rich.console import Console
+
+    from unitrain import model as M
+    from unitrain.data import pipeline
+    from unitrain.errors import ModelError
+
+    try:
+        tok = M.load_tokenizer(recipe.model, recipe.base_dir)
+    except ModelError as e:
+        if required:
+            raise
+        Console(stderr=True).print(f"note: evals are not counted against the budget: the data could not be scanned "
+                                   f"here ({str(e)[:200]}); `unitrain run` counts them", highlight=False)
+        return None
+    if not required:
+        Console(stderr=True).print("note: scanned the data to count the evals the budget pays for (as --scan-data)",
+                                   highlight=False)
+    return pipeline.data_stats(pipeline.tokenize_data(recipe, tok), recipe, tok.pad_token_id)
 
 
 def cmd_select(args, console) -> int:

@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from unitrain import dist
+from unitrain import dist, preflight
 from unitrain.data import pipeline
 from unitrain.errors import UnitrainError
 from unitrain.recipe import recipe_to_yaml
@@ -84,15 +84,18 @@ def run_recipe(recipe, console=None):
         lock = RunLock(run_dir, lambda m: _say(console, m)).acquire() if ctx.is_main else None  # one run per dir
         dist.barrier()
         spec = resolve_resources(recipe.resources, world_size=ctx.world if ctx.world > 1 else None)
+        preflight.check_launch(recipe, spec, ctx.world)
         tokenizer = M.load_tokenizer(recipe.model, recipe.base_dir)
         model_config = M.load_config(recipe.model, recipe.base_dir)
         if recipe.model.max_layers:
             model_config.num_hidden_layers = min(model_config.num_hidden_layers, recipe.model.max_layers)
+        preflight.check_model(recipe, model_config, tokenizer)  # before the data and the weights
         if not ctx.is_main:
             dist.barrier()  # rank 0 fills the tokenization cache first
         tok = pipeline.tokenize_data(recipe, tokenizer)
         if ctx.is_main:
             dist.barrier()
+        preflight.check_token_ids(tok, model_config)
         stats = pipeline.data_stats(tok, recipe, tokenizer.pad_token_id)
         plan = make_plan(recipe, spec, model_config, stats, world_size=ctx.world)
         keep, subset = choose_subset(tok, recipe, plan)
