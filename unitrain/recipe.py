@@ -288,14 +288,12 @@ def _non_finite(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and any(_non_finite(v) for v in value)
 
 
-def _looks_local(name: str, base_dir: str | None) -> bool:
-    """A model/tokenizer name that can only mean a folder or file (a hub id is exactly `org/name`)."""
+def _looks_local(name: str) -> bool:
+    """A model/tokenizer name that can only mean a folder or file (a hub id is exactly `org/name`; one of those
+    that is neither is reported when loading fails: unitrain.model._load_error)."""
     if name.startswith("package:"):
         return False
-    if name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") >= 2 or "\\" in name:
-        return True
-    first = name.split("/")[0] if name.count("/") == 1 else None  # org/name whose "org" is a local folder
-    return bool(first) and any((Path(b) / first).is_dir() for b in (".", base_dir) if b)
+    return name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") >= 2 or "\\" in name
 
 
 def _check_values(r: Recipe, problems: list[str], check_files: bool) -> None:
@@ -318,7 +316,7 @@ def _check_values(r: Recipe, problems: list[str], check_files: bool) -> None:
         bad("model.max_layers", f"must be >= 1, got {m.max_layers}")
     for key in ("name", "tokenizer"):
         v = getattr(m, key)
-        if check_files and v and _looks_local(v, r.base_dir) and not r.resolve_path(v).exists():
+        if check_files and v and _looks_local(v) and not r.resolve_path(v).exists():
             bad(f"model.{key}", f"file or folder not found: {v} (relative paths resolve against the working "
                                 f"directory or the recipe's folder; a hub name is org/name)")
 

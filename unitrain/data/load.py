@@ -204,7 +204,7 @@ def _missing_values(ds, fmt: str, fields: dict) -> dict[str, list[int]]:
     import pyarrow.compute as pc
 
     f = resolve_fields(fields)
-    table = ds.data.table if hasattr(ds.data, "table") else ds.data
+    table = ds.data.table if ds._indices is None else ds.with_format("arrow")[:]  # a selection: its own rows
     out = {}
     for role in FORMAT_KEYS[fmt]:
         col = table.column(f[role])

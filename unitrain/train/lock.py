@@ -205,9 +205,3 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
-
-def hold(run_dir: Path | None, say=None):
-    """`with hold(run_dir):` on rank 0; `hold(None)` (other ranks) holds nothing."""
-    import contextlib
-
-    return RunLock(run_dir, say) if run_dir is not None else contextlib.nullcontext()
