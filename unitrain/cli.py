@@ -155,7 +155,14 @@ def _budget_pays_for_evals(recipe) -> bool:
     if not recipe.resources.budget or t.max_steps or not (d.eval or d.eval_split > 0):
         return False
     local = [p for p in (d.train, d.eval) if p]
-    return all(p.startswith("builtin:") or recipe.resolve_path(p).exists() for p in local)
+    if all(p.startswith("builtin:") or recipe.resolve_path(p).exists() for p in local):
+        return True
+    from rich.console import Console
+
+    Console(stderr=True).print("note: evals are not counted against the budget: the data is not local (a hub "
+                               "dataset); `unitrain run` counts them, so it may train fewer steps than shown (add "
+                               "--scan-data to count them here)", highlight=False)
+    return False
 
 
 def _scan(recipe, console, required: bool):
