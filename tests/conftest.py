@@ -119,3 +119,42 @@ def triton_mode(request, monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     else:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+WORD_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "vocab_size": 64,
+              "tie_word_embeddings": True}
+
+
+@pytest.fixture(scope="session")
+def word_corpus(tmp_path_factory) -> Path:
+    """train.txt (200 paragraphs of Zipf-distributed words) and a word-level tokenizer in tok/: no download, no
+    shared data, a step of WORD_LLAMA in milliseconds."""
+    import numpy as np
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("words")
+    vocab = [f"w{i}" for i in range(48)]
+    p = 1.0 / np.arange(1, len(vocab) + 1)
+    rng = np.random.default_rng(0)
+    (d / "train.txt").write_text("\n\n".join(" ".join(rng.choice(vocab, size=60, p=p / p.sum()))
+                                             for _ in range(200)))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<|endoftext|>", "[UNK]", *vocab])},
+                                     unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                            unk_token="[UNK]").save_pretrained(d / "tok")
+    return d
+
+
+def word_recipe_dict(corpus: Path, root: Path, name: str = "words") -> dict:
+    """A full-fine-tuning recipe for WORD_LLAMA on `word_corpus`: 8 steps, checkpoints every 2, eval every 4."""
+    return {"name": name, "model": {"config": dict(WORD_LLAMA), "tokenizer": str(corpus / "tok")},
+            "data": {"train": str(corpus / "train.txt"), "format": "text", "eval_split": 8, "max_length": 64,
+                     "select": False, "cache_dir": str(corpus / "tokenized")},
+            "method": {"name": "full"},
+            "training": {"lr": 1e-2, "global_batch_size": 4, "micro_batch_size": 4, "max_steps": 8,
+                         "eval_every": 4, "gradient_checkpointing": "off", "kernels": "off"},
+            "resources": {"gpus_per_node": 0}, "stopping": {"enabled": False},
+            "output": {"dir": str(root), "save_every": 2, "keep_last": 1}, "tracking": {"progress": False}}

@@ -136,8 +136,11 @@ def test_tokenization_is_cached(tiny_recipe, tokenizer, tmp_path):
 def test_bad_data_gets_clear_errors(tiny_recipe, tokenizer, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"question": "q", "answer": ""}\n' * 5)
-    with pytest.raises(DataError, match="no training examples left"):
+    with pytest.raises(DataError, match="5 of 5 rows have nothing to train on .* empty.jsonl lines 1, 2, 3, 4, 5"):
         pipeline.tokenize_data(tiny_recipe(**{"data.train": str(empty), "data.eval_split": 1}), tokenizer)
+    with pytest.raises(DataError, match="every row was skipped as bad"):
+        pipeline.tokenize_data(tiny_recipe(**{"data.train": str(empty), "data.eval_split": 1,
+                                              "data.bad_rows": "skip"}), tokenizer)
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text('{"prompt": "q", "completion": "a"}\n' * 5)
     with pytest.raises(DataError, match="cannot tell the data format"):

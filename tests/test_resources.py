@@ -13,10 +13,12 @@ def test_parse_memory_units():
     assert R.parse_memory("80GiB") == 80 * 2**30
     assert R.parse_memory("24GB") == 24 * 10**9
     assert R.parse_memory("512 MiB") == 512 * 2**20
-    assert R.parse_memory(1024) == 1024
-    for bad in ("eighty", "80XB", "-1GiB", 0, "0GiB"):
+    assert R.parse_memory(2**30) == R.parse_memory(str(2**30)) == 2**30  # a bare number is bytes
+    for bad in ("eighty", "80XB", "-1GiB", 0, "0GiB", 80, "80", " 80 ", 1024):
         with pytest.raises(ValueError, match="80GiB"):
             R.parse_memory(bad)
+    with pytest.raises(ValueError, match=r"memory size '80' has no unit and would mean 80 bytes; did you mean '80GiB'"):
+        R.parse_memory("80")
 
 
 def test_parse_budget_units():

@@ -119,12 +119,25 @@ def _resource_overrides(args) -> list[str]:
     return [f"{key}={getattr(args, a)}" for a, key in pairs.items() if getattr(args, a, None) is not None]
 
 
-def _scan(recipe):
-    """Tokenize, clean and measure the data as `unitrain run` does (cached): -> (tokenized, cleaning, stats)."""
+def _scan(recipe, required: bool = True):
+    """Tokenize, clean and measure the data as `unitrain run` does (cached): -> (tokenized, cleaning, stats).
+    Not `required` (a plan that only counts its evals): a data source that cannot be read here is a note on stderr
+    (stdout may be --json) and None."""
     from unitrain import model as M
     from unitrain.data import pipeline
+    from unitrain.errors import ModelError
 
-    tokenizer = M.load_tokenizer(recipe.model, recipe.base_dir)
+    try:
+        tokenizer = M.load_tokenizer(recipe.model, recipe.base_dir)
+    except ModelError as e:
+        if required:
+            raise
+        Console(stderr=True).print(f"note: evals are not counted against the budget: the data could not be scanned "
+                                   f"here ({str(e)[:200]}); `unitrain run` counts them", highlight=False)
+        return None
+    if not required:
+        Console(stderr=True).print("note: scanned the data to count the evals the budget pays for (as --scan-data)",
+                                   highlight=False)
     tok = pipeline.tokenize_data(recipe, tokenizer)
     cleaning = pipeline.clean(tok, recipe)
     return tok, cleaning, pipeline.data_stats(tok, recipe, tokenizer.pad_token_id, cleaning)
@@ -137,7 +150,11 @@ def cmd_plan(args, console) -> int:
     from unitrain.plan.report import print_plan
 
     recipe = _load(args, _resource_overrides(args))
-    stats = _scan(recipe)[2] if args.scan_data else None
+    _preflight_plan(recipe)
+    stats = None
+    if args.scan_data or _budget_pays_for_evals(recipe):
+        scanned = _scan(recipe, required=args.scan_data)
+        stats = scanned[2] if scanned else None
     plan = make_plan(recipe, data_stats=stats)
     if args.json:
         print(plan.to_json())
@@ -156,6 +173,30 @@ def cmd_plan(args, console) -> int:
                   f"deepspeed.initialize for this plan", highlight=False)
         err.print(f"note: {CLIENT_OPTIMIZER_NOTE} (the plan's optimizer: {plan.execution.optimizer})", highlight=False)
     return 0
+
+
+def _preflight_plan(recipe) -> None:
+    """The config checks `unitrain run` makes before loading anything (typos in model.config, LoRA targets,
+    max_length past the model's positions), so a plan that passes is one that run accepts."""
+    from unitrain import preflight
+    from unitrain.plan.shape import load_model_config
+
+    preflight.check_model(recipe, load_model_config(recipe.model, recipe.base_dir)[0])
+
+
+def _budget_pays_for_evals(recipe) -> bool:
+    """A budget also pays for the evals, whose cost depends on the eval split's tokens: `run` counts them, so a plan
+    without them would accept a budget that run refuses. Local data is scanned to count them (as --scan-data)."""
+    d, t = recipe.data, recipe.training
+    if not recipe.resources.budget or t.max_steps or not (d.eval or d.eval_split > 0):
+        return False
+    local = [p for p in (d.train, d.eval) if p]
+    if all(p.startswith("builtin:") or recipe.resolve_path(p).exists() for p in local):
+        return True
+    Console(stderr=True).print("note: evals are not counted against the budget: the data is not local (a hub "
+                               "dataset); `unitrain run` counts them, so it may train fewer steps than shown (add "
+                               "--scan-data to count them here)", highlight=False)
+    return False
 
 
 def cmd_select(args, console) -> int:

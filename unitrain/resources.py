@@ -14,17 +14,22 @@ _MEM_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9,
 
 
 def parse_memory(value: str | int | float) -> int:
-    """'80GiB' -> bytes. Decimal (GB) and binary (GiB) units; a bare number is bytes."""
+    """'80GiB' -> bytes. Decimal (GB) and binary (GiB) units; a bare number is bytes, and must be >= 1 MiB (a bare
+    80 is a forgotten unit, not 80 bytes)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value <= 0:
             raise ValueError(f"memory must be > 0, got {value}; example: 80GiB")
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _MEM_UNITS:
-        raise ValueError(f"cannot read memory size {value!r}; examples: 80GiB, 24GB, 512MiB")
-    n = float(m.group(1)) * _MEM_UNITS[m.group(2).lower()]
-    if n <= 0:
-        raise ValueError(f"memory must be > 0, got {value!r}; example: 80GiB")
+        n, unit = float(value), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _MEM_UNITS:
+            raise ValueError(f"cannot read memory size {value!r}; examples: 80GiB, 24GB, 512MiB")
+        n, unit = float(m.group(1)) * _MEM_UNITS[m.group(2).lower()], m.group(2)
+        if n <= 0:
+            raise ValueError(f"memory must be > 0, got {value!r}; example: 80GiB")
+    if not unit and n < 2**20:
+        raise ValueError(f"memory size {value!r} has no unit and would mean {n:g} bytes; did you mean "
+                         f"'{str(value).strip()}GiB'? (give a unit: 80GiB, 24GB, 512MiB)")
     return int(n)
 
 

@@ -7,6 +7,7 @@ becomes one `text` string with loss on every token. The canonical record for sel
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 from unitrain.errors import DataError
@@ -44,6 +45,13 @@ def detect_format(columns: list[str], fields: dict, requested: str = "auto") -> 
     """Pick the format whose (mapped) columns are present; explain what is missing otherwise."""
     f = resolve_fields(fields)
     cols = set(columns)
+    missing = {role: col for role, col in fields.items() if col not in cols}
+    if missing:
+        role, col = next(iter(missing.items()))
+        close = difflib.get_close_matches(str(col), sorted(cols), n=1)
+        hint = f" (did you mean data.fields.{role}={close[0]}?)" if close else ""
+        raise DataError(f"data.fields.{role}={col}: the data has no column {col!r}{hint}; its columns are "
+                        f"{sorted(cols)}")
     if requested != "auto":
         missing = [f[k] for k in FORMAT_KEYS[requested] if f[k] not in cols]
         if missing:

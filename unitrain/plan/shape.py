@@ -52,15 +52,30 @@ KNOWN_CONFIGS: dict[str, dict] = {
 
 
 def _table_key(name: str) -> str | None:
-    """'meta-llama/Llama-3.1-8B-Instruct', 'llama-3.1-8b', 'SmolLM2-135M-Instruct' -> table key."""
-    def norm(s):
-        s = s.split("/")[-1].lower()
-        return re.sub(r"-(instruct|chat|it)$", "", s).replace("meta-llama-", "")
-    want = norm(name)
+    """'meta-llama/Llama-3.1-8B-Instruct', 'Llama-3.1-8B', 'SmolLM2-135M-Instruct' -> table key. Strict: the model
+    name must match a key's exactly (any case) up to an -Instruct/-Chat/-it tag, and an org, when given, must be the
+    key's, so a misspelled name is reported rather than planned as some other model."""
+    def split(s):
+        org, _, model = s.lower().rpartition("/")
+        return org, re.sub(r"-(instruct|chat|it)(?=-v\d|$)", "", model)
+
+    org, model = split(name)
     for key in KNOWN_CONFIGS:
-        if norm(key) == want or (key.endswith("-v0.1") and norm(key)[:-5] == want):
+        key_org, key_model = split(key)
+        if model == key_model and org in ("", key_org):
             return key
     return None
+
+
+def close_table_keys(name: str) -> list[str]:
+    """Built-in shapes whose name is close to `name` (for 'did you mean')."""
+    import difflib
+
+    lower = {k.lower(): k for k in KNOWN_CONFIGS}
+    tail = {k.split("/")[-1].lower(): k for k in KNOWN_CONFIGS}
+    hits = difflib.get_close_matches(name.lower(), lower, n=2, cutoff=0.7) or \
+        difflib.get_close_matches(name.split("/")[-1].lower(), tail, n=2, cutoff=0.7)
+    return [lower.get(h) or tail[h] for h in hits]
 
 
 @dataclass
@@ -329,9 +344,11 @@ def load_model_config(model_cfg, base_dir: str | None = None) -> tuple[dict, str
 
         return AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code).to_dict(), name
     except Exception as e:
-        raise ModelError(f"model.name: cannot load the config of {name!r} ({type(e).__name__}: {e}). Give a local "
-                         f"folder, a .gguf file, a cached hub model, model.config (a config dict), or one of the "
-                         f"built-in shapes: {', '.join(KNOWN_CONFIGS)}") from None
+        close = close_table_keys(name)
+        hint = f"Did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        raise ModelError(f"model.name: cannot load the config of {name!r} ({type(e).__name__}: {e}). {hint}Give a "
+                         f"local folder, a .gguf file, a cached hub model, model.config (a config dict), or one of "
+                         f"the built-in shapes: {', '.join(KNOWN_CONFIGS)}") from None
 
 
 def model_shape(model_cfg=None, config: dict | None = None, base_dir: str | None = None) -> ModelShape:

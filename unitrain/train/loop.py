@@ -85,7 +85,8 @@ class Trainer:
         self.eval_every = p.evals.every
         self.state = {"tokens": 0, "flops": 0.0, "wall": 0.0, "evals": []}
         self.step_times: list[float] = []  # this process's step seconds, for calibration
-        resume_from = ckpt.find_resume(self.run_dir / "checkpoints", self.recipe.output.resume)
+        resume_from = ckpt.find_resume(self.run_dir / "checkpoints", self.recipe.output.resume, self.ctx.rank,
+                                       self._say)
         if resume_from is not None:
             saved = ckpt.load_checkpoint(resume_from, self.backend, self.ctx.rank)
             if saved.get("plan_fingerprint") != self._plan_fingerprint():

@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from unitrain import dist
+from unitrain import dist, preflight
 from unitrain.data import pipeline
 from unitrain.errors import UnitrainError
 from unitrain.recipe import recipe_to_yaml
@@ -98,19 +98,27 @@ def run_recipe(recipe, console=None, *, replan: bool = False):
     from unitrain import model as M
     from unitrain.plan import make_plan
     from unitrain.resources import resolve_resources
+    from unitrain.train.lock import RunLock
     from unitrain.train.loop import Trainer
 
     ctx = dist.init()
+    lock, created, done = None, not recipe.run_dir.exists(), False
     try:
         run_dir = check_run_dir(recipe) if ctx.is_main else recipe.run_dir
+        # one run per directory; the lock is the only thing written before everything is resolved, and a
+        # refused launch into a directory it created removes it again (finally)
+        lock = RunLock(run_dir, lambda m: _say(console, m)).acquire() if ctx.is_main else None
+        dist.barrier()
         spec = resolve_resources(recipe.resources, world_size=ctx.world if ctx.world > 1 else None)
+        preflight.check_launch(recipe, spec, ctx.world)
         tokenizer = M.load_tokenizer(recipe.model, recipe.base_dir)
         model_config = M.load_config(recipe.model, recipe.base_dir)
         if recipe.model.max_layers:
             model_config.num_hidden_layers = min(model_config.num_hidden_layers, recipe.model.max_layers)
+        preflight.check_model(recipe, model_config, tokenizer)  # before the data and the weights
         tok, cleaning, stats = prepare_data(recipe, tokenizer, ctx)
-        resuming = ckpt.find_resume(run_dir / "checkpoints", recipe.output.resume) is not None
-        stored = resume.stored_plan(run_dir, recipe) if resuming and not replan else None
+        preflight.check_token_ids(tok, model_config)
+        stored = resume.stored_plan(run_dir, recipe) if not replan and _resuming(run_dir, recipe) else None
         plan = stored or make_plan(recipe, spec, model_config, stats, world_size=ctx.world)
         if stored is not None:
             resume.check_data(plan, stats)
@@ -119,6 +127,7 @@ def run_recipe(recipe, console=None, *, replan: bool = False):
         if len(data.train) < 1:
             raise UnitrainError("the training data packs into no sequence; add data or lower data.max_length")
         # Everything is resolved: only now does the run directory change.
+        done = True
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
@@ -146,7 +155,18 @@ def run_recipe(recipe, console=None, *, replan: bool = False):
                     f"output.resume=auto to continue") from None
             raise
     finally:
+        if lock is not None:
+            lock.release()
+            if created and not done and recipe.run_dir.is_dir() and not any(recipe.run_dir.iterdir()):
+                recipe.run_dir.rmdir()  # a refused launch leaves no trace
         dist.shutdown()
+
+
+def _resuming(run_dir: Path, recipe) -> bool:
+    """Does this launch continue from a checkpoint? Read-only: the trainer's find_resume verifies and picks."""
+    if recipe.output.resume == "never":
+        return False
+    return recipe.output.resume != "auto" or bool(ckpt.list_complete(run_dir / "checkpoints"))
 
 
 def _train_and_score(trainer, recipe, data, tok, run_dir, ctx, selection_cost):

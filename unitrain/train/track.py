@@ -10,6 +10,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from unitrain.train.checkpoint import die_at, fault
+
+
+HIGH_MARK = ".max_logged_step"
+
 
 class Tracker:
     """Only rank 0 writes; other ranks get a Tracker with `active=False` that does nothing."""
@@ -23,9 +28,12 @@ class Tracker:
         self.progress = None
         if not active:
             return
-        if start_step > 0 and self.path.exists():  # drop rows the resumed run will redo
-            rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r).get("step", 0) <= start_step]
-            self.path.write_text("".join(r + "\n" for r in rows))
+        if recipe.output.resume == "never":  # training from scratch: a new wandb run, nothing to skip
+            for name in (".wandb_id", HIGH_MARK):
+                (run_dir / name).unlink(missing_ok=True)
+        logged = resume_metrics(run_dir, start_step, self.console.print)
+        # the wandb run (same id) already holds every step logged before: a resumed run re-logs none of them
+        self.wandb_done = logged if (run_dir / ".wandb_id").exists() else -1
         mode = recipe.tracking.wandb
         if mode != "disabled":
             import wandb
@@ -45,9 +53,14 @@ class Tracker:
         if not self.active:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        line = json.dumps(clean) + "\n"
         with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
-        if self.wandb is not None:
+            if fault("torn_metrics", row.get("step")):  # a kill mid-write: half a line, then gone
+                f.write(line[: len(line) // 2])
+                f.flush()
+                die_at("torn_metrics", row.get("step"))
+            f.write(line)
+        if self.wandb is not None and row.get("step", 0) > self.wandb_done:
             self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step"))
         if self.progress is not None:
             info = " ".join(f"{k}={row[k]:.4g}" for k in ("loss", "eval_loss", "lr", "tok_per_s", "budget_used")
@@ -89,6 +102,40 @@ def _wandb_id(run_dir: Path) -> str:
     return f.read_text().strip()
 
 
+def _parse_rows(text: str) -> tuple[list[tuple[str, dict]], list[int]]:
+    """(line, row) pairs and the line numbers that do not parse (a torn last line after a kill mid-write)."""
+    rows, bad = [], []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((line, json.loads(line)))
+        except ValueError:
+            bad.append(i)
+    return rows, bad
+
+
+def resume_metrics(run_dir: Path, start_step: int, say=print) -> int:
+    """Make metrics.jsonl hold exactly the rows of steps <= start_step (those the resumed run does not redo; none
+    on a fresh start), dropping torn lines; -> the highest step ever logged in this run directory, -1 if none (kept
+    in HIGH_MARK, since the rows dropped here were logged, to wandb too)."""
+    path, mark = Path(run_dir) / "metrics.jsonl", Path(run_dir) / HIGH_MARK
+    high = int(mark.read_text()) if mark.exists() and mark.read_text().strip().isdigit() else -1
+    if not path.exists():
+        return high
+    rows, bad = _parse_rows(path.read_text())
+    if bad:
+        say(f"metrics.jsonl: dropped {len(bad)} unreadable line(s) (line {', '.join(map(str, bad))}; a kill "
+            f"mid-write leaves a torn last line)")
+    high = max([high] + [int(r.get("step", 0)) for _, r in rows])
+    keep = [line for line, r in rows if start_step > 0 and r.get("step", 0) <= start_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+    mark.write_text(str(high))
+    return high
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    return [r for _, r in _parse_rows(path.read_text())[0]] if path.exists() else []
