@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unitrain.errors import UnitrainError
+from unitrain.errors import CheckpointError, UnitrainError
 from unitrain.train import checkpoint as ckpt
 from unitrain.train.run import run_recipe
 from unitrain.train.track import read_metrics

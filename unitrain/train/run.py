@@ -107,7 +107,9 @@ def run_recipe(recipe, console=None, *, replan: bool = False):
         run_dir = check_run_dir(recipe) if ctx.is_main else recipe.run_dir
         # one run per directory; the lock is the only thing written before everything is resolved, and a
         # refused launch into a directory it created removes it again (finally)
-        lock = RunLock(run_dir, lambda m: _say(console, m)).acquire() if ctx.is_main else None
+        if ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir, lambda m: _say(console, m)).acquire()
         dist.barrier()
         spec = resolve_resources(recipe.resources, world_size=ctx.world if ctx.world > 1 else None)
         preflight.check_launch(recipe, spec, ctx.world)
