@@ -117,6 +117,8 @@ def recipe_dict(task: Task, tokenizer: Path, seed: int, steps: int, eval_every: 
         "method": {"name": "full"},
         "training": {"lr": task.lr, "global_batch_size": task.batch, "micro_batch_size": task.batch,
                      "max_steps": steps, "eval_every": eval_every, "eval_max_batches": task.eval_batches,
+                     # the governor's eval set is this benchmark's fixed one, not one sized to a few % of the budget
+                     "eval_budget_share": 0.9,
                      "seed": seed, "gradient_checkpointing": "off", "kernels": "off", "log_every": 10_000},
         "resources": {"gpus_per_node": 0, **({"budget": f"{budget:.6e}"} if budget else {})},
         "stopping": {"enabled": stopping},
@@ -136,7 +138,7 @@ def size_budgets(task: Task, tokenizer: Path, seed: int, out_dir: Path) -> list[
     tok = M.load_tokenizer(r.model)
     stats = pipeline.data_stats(pipeline.tokenize_data(r, tok), r, tok.pad_token_id)
     plan = make_plan(r, None, M.load_config(r.model), stats)
-    eval_flops = plan.compute.flops_per_slot / 3 * task.eval_batches * task.batch * task.seq_len  # an upper bound
+    eval_flops = plan.evals.flops  # one eval of the governor's eval batches: a forward over their slots
     pairs = []
     for epochs in BUDGET_EPOCHS:
         steps = max(1, round(epochs * stats.n_sequences / task.batch))

@@ -89,7 +89,7 @@ def test_flop_budget_sets_the_length_and_is_never_exceeded(recipe):
     F = _flops_per_step(recipe())
     budget = 30.5 * F  # 30 steps of training, less what the evals (step 0, every 2 steps, the end) cost
     res = run_recipe(recipe(**{"resources.budget": f"{budget:.6e}", "stopping.enabled": False,
-                               "training.eval_max_batches": 1}))
+                               "training.eval_max_batches": 1, "training.eval_budget_share": 0.4}))
     plan = json.loads((res.run_dir / "plan.json").read_text())
     steps = plan["length"]["steps"]
     g, log = _governor(res.run_dir)
@@ -101,6 +101,7 @@ def test_flop_budget_sets_the_length_and_is_never_exceeded(recipe):
     assert (steps + 1) * F + (2 + steps // 2) * per_eval > budget
     assert steps < 30 and any("− evals" in n for n in plan["notes"])
     assert plan["budget"]["split"]["evals"] == pytest.approx(plan["evals"]["count"] * per_eval)
+    assert plan["budget"]["split"]["evals"] <= 0.4 * budget  # within training.eval_budget_share
     # so the run trains every planned step: the governor's budget stop can only coincide with the planned end
     assert res.exit_code == 0 and res.steps == steps and res.stop_reason in ("budget", "completed")
     used = g["report"]["used"]["flops"]

@@ -169,7 +169,10 @@ def test_length_rules():
     assert p.length.steps == 4 * 1000 // 16 and p.length.rule == "epoch_cap" and any("4 epochs" in n for n in p.notes)
     assert p.budget.unspent > 0.9e20 and "4 epochs" in p.budget.unspent_reason  # left unspent, and why
     p = make_plan(recipe(gbs=16, seq=1024), spec(budget="1e16"), data_stats=data)
-    assert p.data.policy == "select" and p.data.subset_tokens == p.data.train_tokens < p.data.unique_tokens
+    # a subset of exactly the planned tokens; by default a random clean one (selection is bought only when asked)
+    assert p.data.policy == "random" and p.data.subset_tokens == p.data.train_tokens < p.data.unique_tokens
+    p = make_plan(recipe(gbs=16, seq=1024, data__select=True), spec(budget="1e16"), data_stats=data)
+    assert p.data.policy == "select" and p.data.subset_tokens == p.data.train_tokens
 
 
 def test_slots_and_tokens_are_counted_apart():
@@ -189,33 +192,56 @@ def test_slots_and_tokens_are_counted_apart():
 
 
 def test_budget_length_reserves_the_evals():
-    """Evals (a forward over the eval split at step 0, every eval_every steps and at the end) come out of a FLOP or
-    GPU-hour budget: the planned steps plus their evals fit it, one more step would not."""
-    r = recipe(gbs=16, seq=1024, training__eval_every=10)
+    """Evals (a forward over the first eval sequences at step 0, every eval_every steps and at the end) come out of
+    a FLOP or GPU-hour budget: the planned steps plus their evals fit it, one more step would not."""
+    r = recipe(gbs=16, seq=1024, training__eval_every=100, training__eval_budget_share=0.9)
     data = DataStats(n_examples=90_000, total_tokens=90_000_000, n_sequences=100_000, seq_len=1024,
                      eval_lengths=[1000] * 400, cleaned=True)
-    bare = make_plan(r, spec(budget="1e17"), data_stats=DataStats(**{**data.__dict__, "eval_lengths": []}))
-    p = make_plan(r, spec(budget="1e17"), data_stats=data)
+    bare = make_plan(r, spec(budget="1e18"), data_stats=DataStats(**{**data.__dict__, "eval_lengths": []}))
+    p = make_plan(r, spec(budget="1e18"), data_stats=data)
     mb = p.execution.micro_batch_size
     assert p.evals.slots == 400 * 1000 and p.evals.sequences == 400 and p.evals.batch_size == mb
     per_eval = p.evals.flops
     assert per_eval == p.compute.forward_flops_per_slot * 400_000
 
     def cost(n):
-        return n * p.compute.flops_per_step + (2 + (n - 1) // 10) * per_eval
-    assert cost(p.length.steps) <= 1e17 < cost(p.length.steps + 1)
-    assert p.evals.count == 2 + (p.length.steps - 1) // 10
+        return n * p.compute.flops_per_step + (2 + (n - 1) // 100) * per_eval
+    assert cost(p.length.steps) <= 1e18 < cost(p.length.steps + 1)
+    assert p.evals.count == 2 + (p.length.steps - 1) // 100
     assert p.budget.split["evals"] == pytest.approx(p.evals.count * per_eval)
-    assert p.length.steps < bare.length.steps == int(1e17 // p.compute.flops_per_step)
+    assert p.length.steps < bare.length.steps == int(1e18 // p.compute.flops_per_step)
     assert any("− evals" in n for n in p.notes)
     hours = make_plan(r, spec(budget="2h"), data_stats=data)
     assert hours.length.steps < int(2 * 3600 / hours.compute.step_time_s)
     tokens = make_plan(r, spec(budget="10M tokens"), data_stats=data)  # a token budget counts training tokens
     assert tokens.length.steps == 10_000_000 // (16 * 1024)
-    capped = make_plan(recipe(gbs=16, seq=1024, training__eval_every=10, training__eval_max_batches=1),
-                       spec(budget="1e17"), data_stats=data)
+    capped = make_plan(recipe(gbs=16, seq=1024, training__eval_every=100, training__eval_max_batches=1,
+                              training__eval_budget_share=0.9), spec(budget="1e18"), data_stats=data)
     assert capped.evals.sequences == capped.execution.micro_batch_size
     assert p.length.steps < capped.length.steps <= bare.length.steps
+
+
+def test_evals_are_sized_to_a_few_percent_of_the_budget():
+    """The eval set and cadence are a planner decision against the same budget: a few percent of it, never half
+    (the measured failure: two evals of 11.4k tokens took 51 % of a 1e13 budget and left one step). A budget too
+    small for a curve gets a final eval only, and the plan says the stop rule is off."""
+    data = DataStats(n_examples=90_000, total_tokens=90_000_000, n_sequences=100_000, seq_len=1024,
+                     eval_lengths=[1000] * 400, cleaned=True)
+    r = recipe("HuggingFaceTB/SmolLM2-135M", gbs=16, seq=1024)  # eval_every: auto
+    big = make_plan(r, spec(budget="2e17"), data_stats=data)
+    assert big.evals.stop_rule and big.evals.count == 18 and big.evals.initial
+    assert 0 < big.budget.split["evals"] <= 0.03 * 2e17 and big.evals.tokens >= 2048
+    assert big.evals.every == math.ceil(big.length.steps / 17)
+    small = make_plan(r, spec(budget="3e14"), data_stats=data)
+    assert not small.evals.stop_rule and small.evals.count == 1 and not small.evals.initial
+    assert 0 < small.evals.sequences < 400 and small.budget.split["evals"] <= 0.03 * 3e14
+    assert any("stop rule is off" in n for n in small.notes)
+    from unitrain.plan.report import plan_summary_lines
+
+    assert any("the final one only" in x for x in plan_summary_lines(small))
+    tiny = make_plan(recipe("HuggingFaceTB/SmolLM2-135M", gbs=16, seq=1024, training__eval_budget_share=0.001),
+                     spec(budget="5e13"), data_stats=data)
+    assert tiny.evals.sequences == 0 and tiny.evals.count == 0 and tiny.budget.split["evals"] == 0
 
 
 @pytest.mark.parametrize("method,ckpt", [("lora", "off"), ("lora", "full"), ("full", "full"), ("full", "off")])

@@ -40,7 +40,7 @@ BAD = [
     ({"model": {"nmae": "x"}}, "model.nmae: unknown key — did you mean 'model.name'?"),
     ({"training": {"lr": "fast"}}, "training.lr: expected float"),
     ({"training": {"lr": -1.0}}, "training.lr: must be > 0"),
-    ({"training": {"global_batch_size": 0}}, "training.global_batch_size: must be >= 1"),
+    ({"training": {"global_batch_size": 0}}, "training.global_batch_size: must be an integer >= 1 or 'auto'"),
     ({"training": {"global_batch_size": 10, "micro_batch_size": 4, "gradient_accumulation": 1}},
      "is not a multiple of micro_batch_size"),
     ({"training": {"schedule": "linear"}}, "training.schedule: expected 'wsd' | 'cosine' | 'constant'"),

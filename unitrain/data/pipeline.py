@@ -6,6 +6,7 @@ ranks the clean pool and fills the tokens the plan decided (plan.data).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from unitrain.data.load import TokenizedData, default_cache_dir, load_examples
@@ -50,12 +51,19 @@ def data_stats(tok: TokenizedData, recipe, pad_id: int, cleaning: Cleaning | Non
     dropped: dict = {}
     for v in (cleaning.dropped.values() if cleaning is not None else ()):
         dropped[v["why"]] = dropped.get(v["why"], 0) + 1
+    # the data a learning curve belongs to: the clean pool (its token ids) and the eval split
+    h = hashlib.blake2b(f"{tok.format}|{d.max_length}|{d.packing}".encode(), digest_size=12)
+    for r in rows:
+        h.update(hashlib.blake2b(bytes(str(r["input_ids"]), "ascii"), digest_size=8).digest())
+    h.update(b"|eval|")
+    for r in tok.eval:
+        h.update(hashlib.blake2b(bytes(str(r["input_ids"]), "ascii"), digest_size=8).digest())
     return DataStats(n_examples=len(rows), total_tokens=sum(r["n_tokens"] for r in rows), n_sequences=len(seqs),
                      seq_len=d.max_length, supervised_tokens=sum(r["n_loss_tokens"] for r in rows),
                      eval_tokens=sum(r["n_tokens"] for r in tok.eval),
                      train_lengths=seqs.lengths.tolist(), eval_lengths=ev.lengths.tolist() if ev is not None else [],
                      cleaned=cleaning is not None, raw_examples=len(tok.train),
-                     raw_tokens=sum(r["n_tokens"] for r in tok.train), dropped=dropped)
+                     raw_tokens=sum(r["n_tokens"] for r in tok.train), dropped=dropped, fingerprint=h.hexdigest())
 
 
 def finalize(tok: TokenizedData, recipe, pad_id: int, keep: list[int] | None = None,

@@ -14,61 +14,14 @@ from unitrain.errors import PlanError
 from unitrain.plan import allocate, calibrate, compute
 from unitrain.plan.deepspeed import engine_config
 from unitrain.plan.memory import GiB, LoraSpec, estimate_memory, precision_for
-from unitrain.plan.schema import (CalibrationUse, Compute, DataStats, Execution, Length, MemoryComponent,
-                                  MemoryPlan, ModelSummary, Plan)
-from unitrain.plan.search import Candidate, rejected_alternatives, usable_memory
+from unitrain.plan import quality
+from unitrain.plan.schema import (CalibrationUse, Compute, DataStats, Execution, MemoryComponent, MemoryPlan,
+                                  ModelSummary, Plan, Prediction)
+from unitrain.plan.search import Candidate, rejected_alternatives, sort_key, usable_memory
 from unitrain.plan.search import search as run_search
 from unitrain.plan.shape import ModelShape, model_shape
 
 __all__ = ["make_plan", "Plan", "Execution", "DataStats", "MemoryComponent", "ModelShape", "model_shape"]
-
-
-def _length(recipe, spec, best: Candidate, stats: DataStats | None, seq_len: int, evals, notes: list[str]):
-    """(Length, DataPlan, BudgetPlan, eval count), from (in priority) max_steps, the budget, epochs × data."""
-    t = recipe.training
-    G, st = t.global_batch_size, best.strategy
-    slots, tokens = allocate.step_units(stats, G, st.micro_batch_size, seq_len)
-    flops_step = best.flops_per_token * slots
-    costs = allocate.unit_costs(spec.budget, flops_step, best.time.total, spec.world_size, tokens, evals.flops)
-    capped_from = None
-    if t.max_steps:
-        steps, rule = t.max_steps, "max_steps"
-        notes.append(f"length: training.max_steps = {steps}")
-    elif spec.budget is not None:
-        steps, note = allocate.length_from_budget(spec.budget, costs, evals.every, G, seq_len)
-        selection = allocate.data_decision(recipe, stats, steps * tokens, spec.budget).selection_flops
-        if selection and spec.budget.kind == "flops":  # the selector's embeddings come out of the same budget
-            rest = replace(spec.budget, value=spec.budget.value - selection)
-            steps, note = allocate.length_from_budget(rest, costs, evals.every, G, seq_len)
-            note += f" (after ≈{selection:.3g} FLOPs of data selection)"
-        rule = "budget"
-        notes.append(note)
-        cap = allocate.epoch_cap(stats, G)
-        if cap is not None and steps > cap:
-            capped_from, steps, rule = steps, cap, "epoch_cap"
-            notes.append(f"capped at {allocate.MAX_EPOCHS:g} epochs ({cap} steps): repeating data beyond ~"
-                         f"{allocate.MAX_EPOCHS:g} epochs pays little (Muennighoff et al. 2023); the rest of the "
-                         f"budget is left unspent")
-    elif stats is not None and stats.n_sequences:
-        epochs = t.epochs or 1.0
-        steps, rule = max(1, math.ceil(epochs * stats.n_sequences / G)), "epochs"
-        notes.append(f"length: {epochs:g} epochs × {stats.n_sequences} sequences / global batch {G} = {steps} steps")
-        if epochs > allocate.MAX_EPOCHS:
-            notes.append(f"training.epochs={epochs:g} is above {allocate.MAX_EPOCHS:g}: returns from repeated data "
-                         f"fall off (Muennighoff et al. 2023); kept because it was set explicitly")
-    else:
-        steps, rule = 0, "unset"
-        notes.append("length: set once the data is scanned (training.epochs × sequences / global batch); no "
-                     "budget and no training.max_steps given")
-    warm = math.ceil(t.warmup_ratio * steps)
-    cool = math.ceil(t.cooldown_ratio * steps) if t.schedule == "wsd" else 0
-    length = Length(steps=steps, warmup=warm, cooldown=cool, schedule=t.schedule, rule=rule,
-                    slots_per_step=slots, tokens_per_step=tokens)
-    n_evals = allocate.eval_count(steps, evals.every) if evals.sequences else 0
-    data = allocate.data_decision(recipe, stats, steps * tokens, spec.budget)
-    budget = allocate.budget_plan(spec.budget, costs, steps, n_evals, capped_from,
-                                  data.selection_flops if spec.budget and spec.budget.kind == "flops" else 0.0)
-    return length, data, budget, n_evals, flops_step
 
 
 def _infeasible(recipe, spec, shape, cands: list[Candidate], seq_len: int, refusals: list[str]) -> PlanError:
@@ -139,6 +92,68 @@ def _scale(factors: dict) -> dict:
     return {**calibrate.component_scale(factors), **{k: factors[k] for k in ("step_time", "peak") if k in factors}}
 
 
+def _outcomes(recipe, spec, shape, cands, stats, seq_len) -> dict:
+    """Each feasible candidate's allocation of the budget and its predicted outcome: {id: (allocation, forward
+    FLOPs per slot, score)}. The score (lower is better) is the predicted loss where stored curves exist for every
+    method in play, else −log(effective tokens): under the prior every method learns equally per effective token,
+    so more effective tokens within the budget predict a lower loss whatever the curve."""
+    out, first_error = {}, None
+    for c in cands:
+        if not c.feasible:
+            continue
+        lora = c.memory.trainable_params if c.strategy.method != "full" else 0
+        fps = compute.forward_flops_per_token(shape, seq_len, lora)
+        try:
+            alloc = allocate.spend(recipe, spec, c.strategy.micro_batch_size, c.flops_per_token, c.time.total, fps,
+                                   stats, seq_len)
+        except PlanError as e:  # the budget does not buy one step of this candidate
+            first_error = first_error or e
+            continue
+        out[id(c)] = [alloc, fps, None]
+    if not out and first_error is not None:
+        raise first_error
+    curves = {m: quality_entry(recipe, shape, m, stats) for m in recipe.methods}
+    with_curve = all(curves[c.strategy.method] is not None for c in cands if id(c) in out)
+    for c in cands:
+        if id(c) in out:
+            alloc = out[id(c)][0]
+            if with_curve:
+                out[id(c)][2] = quality.predict_from(curves[c.strategy.method].facts, alloc.effective_tokens)[0]
+            else:
+                out[id(c)][2] = -math.log(max(1.0, alloc.effective_tokens))
+    return out
+
+
+def quality_entry(recipe, shape, method: str, stats):
+    """The stored learning curve of an earlier run on this model, method, learning rate and data, if any."""
+    if stats is None or not stats.fingerprint:
+        return None
+    entry = calibrate.lookup(_curve_key(recipe, shape, method, stats))
+    return entry if entry is not None and entry.kind == "curve" else None
+
+
+def _curve_key(recipe, shape, method, stats) -> str:
+    return quality.curve_key(shape.name, shape.total_params, method, recipe.training.lr,
+                             stats.fingerprint if stats is not None else "")
+
+
+def _prediction(recipe, shape, method, stats, alloc) -> Prediction:
+    key = _curve_key(recipe, shape, method, stats)
+    entry = quality_entry(recipe, shape, method, stats)
+    if entry is None:
+        why = ("no measured learning curve for this model, method, learning rate and data yet: the level of the loss "
+               "is unknown until the run's first evals (it then reports a refined prediction); alternatives were "
+               "compared by the effective tokens they train")
+        return Prediction(effective_tokens=alloc.effective_tokens, source="prior", key=key, detail=why)
+    loss, low, high = quality.predict_from(entry.facts, alloc.effective_tokens)
+    return Prediction(loss=loss, low=low, high=high, effective_tokens=alloc.effective_tokens, source=entry.source,
+                      cooldown_factor=entry.facts.get("cooldown_factor", 1.0),
+                      key=key, detail=f"from the learning curve measured in {entry.source} "
+                                      f"({entry.facts.get('n', '?')} evals), at {alloc.effective_tokens:,.0f} "
+                                      f"effective tokens, times that run's cooldown factor "
+                                      f"{entry.facts.get('cooldown_factor', 1):.3f}")
+
+
 def make_plan(recipe, spec=None, model_config=None, data_stats: DataStats | None = None,
               world_size: int | None = None) -> Plan:
     """Choose strategy, batch shape, length, data and evals for `recipe` on `spec`. Raises PlanError when
@@ -152,6 +167,13 @@ def make_plan(recipe, spec=None, model_config=None, data_stats: DataStats | None
                         f"{spec.world_size} ranks; make resources.gpus_per_node × nodes match the launcher")
     shape = model_shape(recipe.model, model_config, recipe.base_dir)
     seq_len = data_stats.seq_len if data_stats is not None else recipe.data.max_length
+    batch_note = None
+    if recipe.training.global_batch_size == "auto":  # a planner decision: resolve it before the search
+        fps = compute.flops_per_token(shape, recipe.methods[0], seq_len, "off",
+                                      shape.lora_params(recipe.method.lora.r, recipe.method.lora.target_modules)
+                                      if recipe.methods[0] != "full" else 0)
+        G, batch_note = allocate.choose_global_batch(recipe, spec, data_stats, fps)
+        recipe = replace(recipe, training=replace(recipe.training, global_batch_size=G))
     precision_key = "float32" if spec.on_cpu else "16bit"
     keys = {m: calibrate.fingerprint(spec.accelerator, shape.name, shape.total_params, m, precision_key)
             for m in recipe.methods}
@@ -160,7 +182,11 @@ def make_plan(recipe, spec=None, model_config=None, data_stats: DataStats | None
     best, cands, refusals = run_search(recipe, spec, shape, seq_len, scales)
     if best is None:
         raise _infeasible(recipe, spec, shape, cands, seq_len, refusals)
-    notes: list[str] = list(refusals)
+    outcomes = _outcomes(recipe, spec, shape, cands, data_stats, seq_len) if spec.budget is not None else {}
+    if outcomes:  # the lowest predicted loss at the budget wins; the search's order breaks ties
+        best = min((c for c in cands if id(c) in outcomes),
+                   key=lambda c: (round(outcomes[id(c)][2], 3), sort_key(c, recipe.methods)))
+    notes: list[str] = list(refusals) + ([f"batch: {batch_note}"] if batch_note else [])
     t = recipe.training
     lora = LoraSpec.of(recipe.method.lora)
     st = replace(best.strategy, precision=precision_for(best.strategy, spec.on_cpu).name,
@@ -169,9 +195,11 @@ def make_plan(recipe, spec=None, model_config=None, data_stats: DataStats | None
                                              max_grad_norm=t.max_grad_norm))
     lora_params = best.memory.trainable_params if st.method != "full" else 0
     forward_fps = compute.forward_flops_per_token(shape, seq_len, lora_params)
-    evals = allocate.eval_plan(data_stats, recipe, st.micro_batch_size, spec.world_size, forward_fps)
-    length, data, budget, n_evals, flops_step = _length(recipe, spec, best, data_stats, seq_len, evals, notes)
-    evals = replace(evals, count=n_evals)
+    alloc = outcomes[id(best)][0] if outcomes else allocate.spend(
+        recipe, spec, st.micro_batch_size, best.flops_per_token, best.time.total, forward_fps, data_stats, seq_len)
+    notes += alloc.notes
+    if alloc.evals.sequences and not alloc.evals.stop_rule:
+        notes.append(f"evals: {alloc.evals.reason}")
     if data_stats is not None and data_stats.dropped:
         notes.append(_cleaning_note(data_stats))
     if st.kernels:
@@ -198,12 +226,14 @@ def make_plan(recipe, spec=None, model_config=None, data_stats: DataStats | None
         model=ModelSummary(name=shape.name, model_type=shape.model_type, params=shape.total_params,
                            trainable_params=best.memory.trainable_params, layers=shape.num_layers,
                            hidden_size=shape.hidden_size, vocab_size=shape.vocab_size, source=shape.source),
-        resources=spec, execution=st, length=length,
+        resources=spec, execution=st, length=alloc.length,
         compute=Compute(flops_per_slot=best.flops_per_token, forward_flops_per_slot=forward_fps,
-                        flops_per_step=flops_step, step_time_s=tm.total, compute_s=tm.compute,
+                        flops_per_step=best.flops_per_token * alloc.length.slots_per_step, step_time_s=tm.total,
+                        compute_s=tm.compute,
                         communication_s=tm.communication, offload_s=tm.offload, mfu=tm.mfu),
         memory=MemoryPlan(components=best.memory.components, peak=best.memory.peak,
                           allocated_peak=best.memory.allocated_peak,
                           usable=usable_memory(spec.gpu_memory, spec.on_cpu), cpu_needed=best.memory.cpu_needed),
-        data=data, evals=evals, budget=budget, calibration=calib,
-        rejected=rejected_alternatives(best, cands, recipe.methods), notes=notes)
+        data=alloc.data, evals=alloc.evals, budget=alloc.budget,
+        prediction=_prediction(recipe, shape, st.method, data_stats, alloc), calibration=calib,
+        rejected=rejected_alternatives(best, cands, recipe.methods, outcomes), notes=notes)

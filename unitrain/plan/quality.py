@@ -11,7 +11,7 @@ with U unique tokens and D = R·U trained (R epochs), the repeats are worth less
     D_eff = D                                        for R ≤ 1,
     D_eff = U + U · R* · (1 − exp(−(R − 1) / R*))    for R > 1,     R* = 15.4,
 
-so at 4 epochs the data is worth 3.7 fresh epochs, at 16 epochs 10.0, and it saturates at 16.4 — the reason a
+so at 4 epochs the data is worth 3.7 fresh epochs, at 16 epochs 10.6, and it saturates at 16.4 — the reason a
 budget-derived length is capped near 4 epochs, and the reason a curve that flattens in steps under heavy repetition
 flattens further: the governor fits and extrapolates in D_eff, not in steps.
 
@@ -90,3 +90,35 @@ class CurveParams:
         s = math.sqrt(self.sd(t) ** 2 + self.noise ** 2)
         m = self.loss(t)
         return m - z * s, m + z * s
+
+
+# ------------------------------------------------------------------------------------------- stored curves
+
+def curve_key(model: str, params: int, method: str, lr: float, data: str) -> str:
+    """Learning curves are stored per model × method × learning rate × data (clean pool and eval split)."""
+    return f"curve|{model or '?'}|{params}|{method}|{lr:g}|{data or '?'}"
+
+
+def curve_facts(fit, tokens_per_step: float, unique: float, final_step: int, final_loss: float | None,
+                initial_loss: float | None) -> dict:
+    """What a finished run stores about its learning curve (calibration store, kind "curve"): the fit in its
+    effective steps, the tokens of one step (to read the curve in tokens), and the cooldown's factor — the final
+    eval (after the LR cooldown) over the constant-LR curve at the same point."""
+    end = effective_steps(final_step, tokens_per_step, unique)
+    factor = (final_loss / fit.loss(end)) if final_loss and fit.loss(end) > 0 else 1.0
+    return {"a": fit.a, "b": fit.b, "c": fit.c, "cov": fit.cov, "noise": fit.noise, "n": fit.n,
+            "tokens_per_step": tokens_per_step, "unique_tokens": unique, "final_step": final_step,
+            "final_loss": final_loss, "initial_loss": initial_loss, "cooldown_factor": factor}
+
+
+def predict_from(facts: dict, effective: float, coverage: float = 0.8) -> tuple[float, float, float]:
+    """(loss, low, high) after `effective` effective tokens, from a stored curve: the constant-LR curve at that
+    point times the cooldown factor that run measured; the interval carries the curve's parameter uncertainty and
+    one eval's noise (central `coverage`)."""
+    from statistics import NormalDist
+
+    curve = CurveParams(facts["a"], facts["b"], facts["c"], facts.get("cov"), facts.get("noise", 0.0))
+    t = effective / max(1e-9, facts["tokens_per_step"])
+    k = facts.get("cooldown_factor", 1.0)
+    lo, hi = curve.interval(t, NormalDist().inv_cdf(0.5 + coverage / 2))
+    return curve.loss(t) * k, lo * k, hi * k

@@ -64,12 +64,25 @@ def _length_lines(plan: Plan) -> list[str]:
                                                   if b.unspent_reason else ""))
     ev = plan.evals
     if ev.sequences:
+        when = (f"every {ev.every} steps" if ev.every else "at the start and the end") if ev.stop_rule else \
+            "the final one only: the stop rule is off"
         lines.append(f"evals: {ev.count} × {ev.sequences} sequences ({_num(ev.tokens)} tokens, {_num(ev.slots)} "
-                     f"slots, {ev.flops:.3g} FLOPs each), " +
-                     (f"every {ev.every} steps" if ev.every else "at the start and the end"))
+                     f"slots, {ev.flops:.3g} FLOPs each), {when}")
+    elif ev.reason:
+        lines.append(f"evals: none ({ev.reason})")
     d = plan.data
     lines.append(f"data: {d.policy}, {d.epochs:.2f} epochs; {d.reason}" if d.scanned else f"data: {d.reason}")
+    lines.append(_prediction_line(plan))
     return lines
+
+
+def _prediction_line(plan: Plan) -> str:
+    p = plan.prediction
+    if p.loss is None:
+        return (f"prediction: {_num(p.effective_tokens)} effective tokens; the loss level is unknown until the first "
+                f"evals (no measured curve for this model, method, learning rate and data yet)")
+    return (f"prediction: eval loss at the end {p.loss:.4f} ({p.coverage:.0%} interval {p.low:.4f}–{p.high:.4f}) at "
+            f"{_num(p.effective_tokens)} effective tokens, from the curve measured in {p.source}")
 
 
 def _calibration_line(plan: Plan) -> str | None:

@@ -16,6 +16,7 @@ exactly, and a relaunch executes the stored plan.
 |             | size and policy, what scoring may cost                       | size)                           |
 | evals       | EvalPlan: eval set size, cadence, the cost of one eval       | trainer, governor               |
 | budget      | the typed budget and its split (training / evals / ...)      | governor, reports               |
+| prediction  | predicted held-out loss at the end, its interval and source  | reports, governor, summary      |
 
 Two quantities are never mixed: *slots* are padded positions the model forwards (FLOPs are charged on them,
 for training and evals alike); *tokens* are real, non-pad tokens (data size, epochs and throughput).
@@ -51,6 +52,7 @@ class DataStats:
     raw_examples: int = 0  # before cleaning
     raw_tokens: int = 0
     dropped: dict = field(default_factory=dict)  # cleaning: reason -> examples
+    fingerprint: str = ""  # the clean pool and the eval split: learning curves are stored per data
 
     @property
     def slot_fill(self) -> float:
@@ -156,8 +158,10 @@ class EvalPlan:
     slots: int = 0  # positions one eval forwards: batches trimmed to their longest + rank padding forwards
     batch_size: int = 1  # sequences per eval forward (the training micro-batch)
     every: int = 0  # cadence in optimizer steps (0 = only the final eval)
-    count: int = 0  # evals the plan pays for: step 0 (when training starts there), every `every`, the end
+    count: int = 0  # evals the plan pays for: step 0 (when `initial`), every `every`, the end
     flops: float = 0.0  # one eval: slots × compute.forward_flops_per_slot
+    initial: bool = True  # an eval at step 0 (the starting loss)
+    stop_rule: bool = True  # enough evals, each big enough, for the governor's learning-curve stop rule
     reason: str = ""
 
 
@@ -172,6 +176,21 @@ class BudgetPlan:
     @property
     def typed(self) -> Budget | None:
         return Budget(self.kind, self.value) if self.kind else None
+
+
+@dataclass
+class Prediction:
+    """Predicted held-out loss (the run's eval split) at the end of the plan, from the quality model."""
+
+    loss: Optional[float] = None  # None: no measured curve for this model and data yet (the level is unknown)
+    low: Optional[float] = None  # central interval of the achieved final eval loss ...
+    high: Optional[float] = None
+    coverage: float = 0.8  # ... with this probability
+    effective_tokens: float = 0.0  # D_eff the prediction is for (quality.effective_tokens)
+    cooldown_factor: float = 1.0  # final (cooled-down) eval over the constant-LR curve, as measured (1: unknown)
+    source: str = ""  # "prior" | the run whose measured curve it comes from
+    key: str = ""  # model × method × lr × data fingerprint: where this run stores its measured curve
+    detail: str = ""
 
 
 @dataclass
@@ -206,6 +225,7 @@ class Plan:
     data: DataPlan
     evals: EvalPlan
     budget: BudgetPlan
+    prediction: Prediction = field(default_factory=Prediction)
     calibration: CalibrationUse = field(default_factory=CalibrationUse)
     rejected: list = field(default_factory=list)  # best rejected alternatives with the reason
     notes: list = field(default_factory=list)

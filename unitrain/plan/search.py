@@ -244,47 +244,66 @@ def search(recipe, spec, shape: ModelShape, seq_len: int, scales: dict | None = 
     return (feasible[0] if feasible else None), cands, refusals
 
 
-def rejected_alternatives(best: Candidate, cands: list[Candidate], methods: list[str], k: int = 5) -> list[dict]:
+def rejected_alternatives(best: Candidate, cands: list[Candidate], methods: list[str], outcomes: dict | None = None,
+                          k: int = 5) -> list[dict]:
     """Why not something else: first the closest configurations that would have been better but do not fit
-    (one per family: method, ZeRO, offload, checkpointing), then the best feasible runners-up."""
+    (one per family: method, ZeRO, offload, checkpointing), then the best feasible runners-up — with a budget,
+    ranked by their predicted outcome (`outcomes`: id -> [allocation, forward FLOPs, score], plan/__init__.py)."""
+    outcomes = outcomes or {}
+
+    def rank(c):
+        return (round(outcomes[id(c)][2], 3) if id(c) in outcomes else 0.0, sort_key(c, methods))
+
     def family(c):
         s = c.strategy
         return s.method, s.zero_stage, s.offload_optimizer, s.offload_params, s.checkpointing
 
-    key_best = sort_key(best, methods)
+    key_best = rank(best)
     misses: dict[tuple, Candidate] = {}
     runners: dict[tuple, Candidate] = {}
     for c in cands:
         if c is best:
             continue
-        if not c.feasible and sort_key(c, methods) < key_best:  # better on paper, but does not fit
+        if not c.feasible and sort_key(c, methods) < sort_key(best, methods):  # better on paper, does not fit
             fam = (c.strategy.method, c.strategy.checkpointing)  # "why not without recomputation?"
             cur = misses.get(fam)
             if cur is None or c.memory.peak < cur.memory.peak:
                 misses[fam] = c
         elif c.feasible and family(c) != family(best):
             cur = runners.get(family(c))
-            if cur is None or sort_key(c, methods) < sort_key(cur, methods):
+            if cur is None or rank(c) < rank(cur):
                 runners[family(c)] = c
     miss = sorted(misses.values(), key=lambda c: -c.tokens_per_s)[:max(2, k - 2)]
     run, ties = [], 0
-    for c in sorted(runners.values(), key=lambda c: sort_key(c, methods)):
+    for c in sorted(runners.values(), key=rank):
         tie = c.strategy.method == best.strategy.method and c.budget_tokens >= best.budget_tokens and \
-            c.tokens_per_s >= best.tokens_per_s * 0.995
+            c.tokens_per_s >= best.tokens_per_s * 0.995 and rank(c)[0] == rank(best)[0]
         if tie and ties:  # one "equally good, but less simple" example is enough
             continue
         ties += tie
         run.append(c)
     run = run[:k - len(miss)]
+    for m in methods:  # every other method the recipe allows: its best alternative, with how it compares
+        alt = [c for c in runners.values() if c.strategy.method == m]
+        if m != best.strategy.method and alt and not any(c.strategy.method == m for c in run):
+            run.append(min(alt, key=rank))
     out = []
     for c in miss + run:
         out.append({"strategy": c.describe(), "peak_gib": round(c.memory.peak / GiB, 2),
                     "tokens_per_s": round(c.tokens_per_s, 1), "feasible": c.feasible,
-                    "reason": _lost_because(best, c, methods) if c.feasible else c.reason})
+                    "reason": _lost_because(best, c, methods, outcomes) if c.feasible else c.reason})
     return out
 
 
-def _lost_because(best: Candidate, c: Candidate, methods: list[str]) -> str:
+def _lost_because(best: Candidate, c: Candidate, methods: list[str], outcomes: dict) -> str:
+    if id(c) in outcomes and id(best) in outcomes:  # a budget: the predicted outcome decided
+        a, b = outcomes[id(best)], outcomes[id(c)]
+        if round(b[2], 3) > round(a[2], 3):
+            if a[2] >= 0:  # scores are predicted losses (measured curves)
+                return f"fits, but predicted {b[2] - a[2]:+.4f} higher loss at the budget ({b[2]:.4f} vs {a[2]:.4f})"
+            ratio = b[0].effective_tokens / max(1.0, a[0].effective_tokens)
+            return (f"fits, but trains {1 - ratio:.0%} fewer effective tokens within the budget ({b[0].effective_tokens:,.0f}"
+                    f" vs {a[0].effective_tokens:,.0f}): a higher predicted loss on any falling curve")
     if methods.index(c.strategy.method) > methods.index(best.strategy.method):
         return f"fits, but the recipe lists {best.strategy.method} before {c.strategy.method}"
     if c.budget_tokens < best.budget_tokens * 0.995:

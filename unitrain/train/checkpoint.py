@@ -226,10 +226,11 @@ def prune(ckpt_dir: Path, keep_last: int, saved_step: int | None = None) -> None
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, backend, trainer_state: dict, keep_last: int,
-                    rank: int = 0, barrier=lambda: None) -> Path:
-    """Write step-N atomically (all ranks call this: the backend may save collectively)."""
-    final = ckpt_dir / f"step-{step}"
-    tmp = ckpt_dir / f".tmp-step-{step}"
+                    rank: int = 0, barrier=lambda: None, name: str | None = None) -> Path:
+    """Write step-N atomically (all ranks call this: the backend may save collectively). `name`: another folder
+    name than step-N (the pre-cooldown checkpoint), outside the namespace that resume and pruning read."""
+    final = ckpt_dir / (name or f"step-{step}")
+    tmp = ckpt_dir / f".tmp-{final.name}"
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -251,9 +252,37 @@ def save_checkpoint(ckpt_dir: Path, step: int, backend, trainer_state: dict, kee
         die_at("after_marker", step)
         _install(tmp, final)
         die_at("after_rename", step)
-        prune(ckpt_dir, keep_last, step)
+        if name is None:
+            prune(ckpt_dir, keep_last, step)
+        else:
+            _prune_pre_cooldown(ckpt_dir, keep=final)
     barrier()
     return final
+
+
+PRE_COOLDOWN = re.compile(r"^pre-cooldown-step-(\d+)$")
+
+
+def pre_cooldown(ckpt_dir: Path) -> tuple[int, Path] | None:
+    """The newest complete checkpoint saved just before an LR cooldown began (what `--extend` continues from)."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = sorted((int(m.group(1)), p) for p in ckpt_dir.iterdir()
+                   if (m := PRE_COOLDOWN.match(p.name)) and (p / MARKER).exists())
+    return found[-1] if found else None
+
+
+def _prune_pre_cooldown(ckpt_dir: Path, keep: Path) -> None:
+    for p in ckpt_dir.iterdir():
+        if PRE_COOLDOWN.match(p.name) and p != keep:
+            trash = ckpt_dir / f".trash-{p.name}-{os.getpid()}"
+            os.replace(p, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def supersede_after(ckpt_dir: Path, step: int) -> list[str]:
+    """Set aside every step-N past `step` (a run extended from `step` writes its own); -> the new names."""
+    return [set_aside(p, "superseded").name for n, p in list_complete(ckpt_dir) if n > step]
 
 
 # ------------------------------------------------------------------ resume

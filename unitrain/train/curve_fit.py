@@ -37,6 +37,7 @@ class CurveFit:
     n: int
     t_first: float
     t_last: float
+    cov: list | None = None  # 3 × 3 covariance of (a, b, c): Gauss-Newton at the solution, σ² from the residuals
 
     def loss(self, t: float) -> float:
         return self.a + self.b * float(t) ** (-self.c)
@@ -44,6 +45,12 @@ class CurveFit:
     def slope(self, t: float) -> float:
         """−dL/dt = b·c·t^(−c−1): loss gained per step at step t (≥ 0)."""
         return self.b * self.c * float(t) ** (-self.c - 1.0)
+
+    def params(self):
+        """The curve with its uncertainty, as the quality model (unitrain.plan.quality) reads it."""
+        from unitrain.plan.quality import CurveParams
+
+        return CurveParams(self.a, self.b, self.c, self.cov, self.noise)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,8 +85,10 @@ def noise_sigma(y: np.ndarray) -> float:
     return max(mad, rms) / math.sqrt(6)
 
 
-def fit_power_law(steps, losses) -> CurveFit | None:
-    """Fit L(t) = a + b·t^(−c) to eval losses at steps t ≥ 1. None with fewer than MIN_FIT_POINTS."""
+def fit_power_law(steps, losses, floor: bool = True) -> CurveFit | None:
+    """Fit L(t) = a + b·t^(−c) to eval losses at steps t ≥ 1. None with fewer than MIN_FIT_POINTS.
+    `floor=False` fits the floorless law L = b·t^(−c) (a = 0): the alternative that keeps falling, which the
+    governor weighs against the fitted floor before it believes a flattening."""
     t = np.asarray(steps, dtype=float)
     y = np.asarray(losses, dtype=float)
     keep = (t >= 1) & np.isfinite(y)
@@ -94,8 +103,8 @@ def fit_power_law(steps, losses) -> CurveFit | None:
     # Work in u = t / t_last so u ∈ (0, 1] and b is the loss above a at the last eval: well scaled.
     ts = float(t.max())
     u = t / ts
-    a_hi = float(ys.min()) + 3 * sigma
-    lo, hi = [0.0, 0.0, C_MIN], [max(a_hi, 1e-9), np.inf, C_MAX]
+    a_hi = float(ys.min()) + 3 * sigma if floor else 1e-12
+    lo, hi = [0.0, 0.0, C_MIN], [max(a_hi, 1e-12), np.inf, C_MAX]
 
     log_u = np.log(u)
 
@@ -109,7 +118,7 @@ def fit_power_law(steps, losses) -> CurveFit | None:
     best = None
     # Two starts, a slow law with a low floor and a fast one with a high floor: on 60 random noisy
     # synthetic curves, nine starts all reached the same optimum; two guard against the odd valley.
-    for c0, frac in ((0.4, 0.3), (1.5, 0.9)):
+    for c0, frac in ((0.4, 0.3), (1.5, 0.9)) if floor else ((0.1, 0.0), (0.5, 0.0)):
         a0 = min(frac * float(ys.min()), hi[0] * (1 - 1e-9))
         b0 = max(float(ys[-1]) - a0, 1e-6 * max(span, 1e-6))
         r = least_squares(resid, [a0, b0, c0], jac=jac, bounds=(lo, hi), loss="soft_l1", f_scale=f_scale,
@@ -125,6 +134,17 @@ def fit_power_law(steps, losses) -> CurveFit | None:
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
     # Residual noise: robust (MAD) and corrected for the 3 fitted parameters.
     res_sigma = 1.4826 * float(np.median(np.abs(res - np.median(res)))) * math.sqrt(len(y) / (len(y) - 3))
+    # Parameter covariance σ²·(JᵀJ)⁺ with J the model's Jacobian in (a, b, c) at the solution; σ² is the larger of
+    # the residual variance and the robust noise: a fit through few points must not look more certain than the
+    # evals it came from. The pseudo-inverse keeps a direction pinned at a bound (a = 0, c at its limit) finite.
+    tc = t ** (-c)
+    J = np.stack([np.ones_like(t), tc, -b * tc * np.log(t)], axis=1)
+    s2 = max(ss_res / max(1, len(y) - 3), res_sigma ** 2)
+    if floor:
+        cov = (s2 * np.linalg.pinv(J.T @ J)).tolist()
+    else:  # a is fixed at 0, not estimated: its row and column are zero
+        c2 = s2 * np.linalg.pinv(J[:, 1:].T @ J[:, 1:])
+        cov = [[0.0, 0.0, 0.0], [0.0, *c2[0].tolist()], [0.0, *c2[1].tolist()]]
     return CurveFit(a=a, b=b, c=c, r2=r2, rmse=math.sqrt(ss_res / len(y)), noise=res_sigma,
                     tail_residual=float(res[-TAIL:].mean()), n=len(y), t_first=float(t[0]),
-                    t_last=float(t[-1]))
+                    t_last=float(t[-1]), cov=cov)

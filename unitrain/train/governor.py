@@ -83,12 +83,14 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 from pathlib import Path
 
 import numpy as np
 
 from unitrain.errors import UnitrainError
-from unitrain.train.curve_fit import TAIL, fit_power_law, noise_sigma, smooth
+from unitrain.plan import quality
+from unitrain.train.curve_fit import TAIL, CurveFit, fit_power_law, noise_sigma, smooth
 
 PATIENCE_SIGMAS = 5.0  # a rise counts when it clears the best smoothed level by this many noise σ
 PATIENCE_MIN_EVALS = 6  # below this the noise σ is too uncertain to call a rise
@@ -102,6 +104,9 @@ FLAT_SPAN = 8.0  # a fit without a drop beyond the noise needs (nearly) a full d
 FLAT_SIGMAS = 2.0  # 'without a drop': the fitted drop across the window is below this many noise σ
 LOF_SIGMAS = 2.0  # a low-R² fit still passes when its RMS residual is within this many noise σ
 CONFIRM_EVALS = 2  # the rule must hold at this many evals in a row: one noisy eval cannot stop a run
+CONFIRM_SPAN = 1.25  # ... and over this ratio of steps (t / t_first_below): a power law is scale-free, so the
+# evidence must hold over a stretch of log-time, not a count of evals — a plateau that ends soon after it is
+# first judged flat (a plateau-then-drop curve) has its drop inside the stretch
 
 
 @dataclass
@@ -114,6 +119,7 @@ class Decision:
     threshold: float | None = None  # λ, loss per FLOP
     marginal_gain: float | None = None  # g(t), loss per FLOP
     predicted_final_loss: float | None = None  # L(T): the fitted loss had the run gone to the budget
+    predicted_interval: list | None = None  # its central 80 % interval (curve uncertainty and eval noise)
     step: int | None = None
     horizon_step: float | None = None  # T
     best_step: int | None = None  # the step with the lowest eval loss so far
@@ -121,6 +127,16 @@ class Decision:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _plausible(alt, fit) -> bool:
+    """The floorless law describes the evals about as well as the fit with a floor: within 2 units of Akaike's
+    criterion (n·ln(SS_alt / SS_fit) − 2 for the one parameter it lacks). A curve that really bends towards a floor
+    fits the floorless law clearly worse and is judged by its own fit."""
+    ss_fit, ss_alt = fit.rmse ** 2 * fit.n, alt.rmse ** 2 * alt.n
+    if ss_fit <= 0:
+        return ss_alt <= 0
+    return fit.n * math.log(max(ss_alt, 1e-300) / ss_fit) - 2 < 2
 
 
 class Governor:
@@ -133,6 +149,10 @@ class Governor:
         self.budget = plan.budget.typed  # parsed once, by the resource spec; checked against one step by the planner
         self.max_steps, self.warmup, self.cooldown = plan.length.steps, plan.length.warmup, plan.length.cooldown
         self.flops_per_step = plan.compute.flops_per_step
+        # effective steps (quality.effective_steps): repeats of the subset's tokens are worth less than fresh data
+        self.tokens_per_step = plan.length.tokens_per_step
+        self.unique = plan.data.subset_tokens if plan.data.scanned else 0
+        self.z = NormalDist().inv_cdf(stopping.confidence)
         self.planned_flops = self.max_steps * self.flops_per_step + plan.evals.count * plan.evals.flops
         self.warnings: list[str] = []
         self._check_loss_per_flop()
@@ -147,6 +167,7 @@ class Governor:
         self.evals: list[list] = []  # [step, loss, fitted?]
         self.best_loss, self.best_step, self.rising = math.inf, None, 0
         self.below = 0  # evals in a row with the marginal gain below the threshold
+        self.below_since = 0  # the step of the first of them
         self.last_good_step = 0
         self.decisions: list[dict] = []
         self.stop_decision: dict | None = None
@@ -184,8 +205,8 @@ class Governor:
                        f"nats: the marginal-gain rule will practically never stop; check the unit")
 
     def _check_eval_cadence(self, evals) -> None:
-        if not self.cfg.enabled or not evals.sequences:
-            return
+        if not self.cfg.enabled or not evals.sequences or not evals.stop_rule:
+            return  # no evals, or the plan already says the stop rule is off (and why)
         need = max(self.cfg.min_evals, MIN_RULE_POINTS)
         every = evals.every
         n = self.max_steps // every if every > 0 else 0
@@ -239,6 +260,9 @@ class Governor:
         self.eval_s += float(seconds)
         # Eval tokens are not training tokens: a tokens budget does not pay for them.
         self.last_eval_cost = self._cost(flops, seconds, 0)
+
+    def _eff(self, step: float) -> float:
+        return quality.effective_steps(step, self.tokens_per_step, self.unique)
 
     def _flops_per_step(self) -> float:
         """F: FLOPs per step including recomputation and amortised evals (the plan's until measured)."""
@@ -335,27 +359,41 @@ class Governor:
         if span < MIN_SPAN:
             return Decision(False, "min_span", f"the fitted evals span steps {pts[0][0]}-{step} ({span:.1f}×); "
                             f"the rule needs {MIN_SPAN:g}× to tell a power law from a plateau", **common)
-        fit = fit_power_law([p[0] for p in pts], [p[1] for p in pts])
+        eff = self._eff  # fit and extrapolate in effective steps: repeated data is worth less (quality.py)
+        fit = fit_power_law([eff(p[0]) for p in pts], [p[1] for p in pts])
         if fit is None:
             return Decision(False, "poor_fit", "no fit", **common)
         F, T = self._flops_per_step(), self._horizon(step)
         cooldown = self.cooldown_for(step)
         t_end = step + cooldown
-        pred = fit.loss(T)
+        curve_q = fit.params()
+        pred = fit.loss(eff(T))
+        low, high = curve_q.interval(eff(T))
         if cfg.loss_per_flop is not None:
-            gain, lam = fit.slope(step) / F, float(cfg.loss_per_flop)
+            slope = fit.slope(eff(step)) * quality.marginal_value(step * self.tokens_per_step, self.unique)
+            gain, lam = slope / F, float(cfg.loss_per_flop)
             source = "stopping.loss_per_flop vs the slope now"
         elif T > t_end:  # the average gain per FLOP of training on from the stop's end to the budget's end
             rest = (T - t_end) * F
-            gain, lam = (fit.loss(t_end) - pred) / rest, cfg.min_budget_gain * pred / rest
+            # what the rest would buy, at the fit's upper confidence bound — and at the floorless law's, which keeps
+            # falling: a slow steady decline fits a floor at today's level as well as it fits a power law, so a stop
+            # needs both to say the rest is small
+            g = fit.loss(eff(t_end)) - pred
+            bound = g + self.z * curve_q.sd(eff(t_end), eff(T))
+            alt = fit_power_law([eff(p[0]) for p in pts], [p[1] for p in pts], floor=False)
+            if alt is not None and _plausible(alt, fit):
+                g_alt = alt.loss(eff(t_end)) - alt.loss(eff(T))
+                bound = max(bound, g_alt + self.z * alt.params().sd(eff(t_end), eff(T)))
+            gain, lam = bound / rest, cfg.min_budget_gain * pred / rest
             source = (f"ε={cfg.min_budget_gain:g} of the predicted loss over the {T - t_end:.0f} steps after "
-                      f"the cooldown")
+                      f"the cooldown; the gain at the {cfg.confidence:.0%} upper bound of the fit and of the "
+                      f"floorless law ({g:.3g} fitted)")
         else:  # the cooldown would reach the budget's end: nothing to compare (end_of_budget below)
             gain = lam = None
             source = ""
         nums = dict(fit=fit.to_dict(), threshold=lam, marginal_gain=gain, predicted_final_loss=pred,
-                    horizon_step=T, **common)
-        curve = f"L = {fit.a:.4g} + {fit.b:.4g}·t^-{fit.c:.3g} (R² {fit.r2:.3f})"
+                    predicted_interval=[low, high], horizon_step=T, **common)
+        curve = f"L = {fit.a:.4g} + {fit.b:.4g}·t_eff^-{fit.c:.3g} (R² {fit.r2:.3f})"
         tail_limit = max(2 * fit.noise / math.sqrt(TAIL), 1e-4 * abs(fit.loss(fit.t_last)))
         noise = noise_sigma(np.array([p[1] for p in pts]))
         if fit.r2 < cfg.min_r2 and fit.rmse > LOF_SIGMAS * noise:
@@ -374,14 +412,18 @@ class Governor:
             return Decision(False, "end_of_budget", f"{curve}: {T - step:.0f} steps left, cooldown "
                             f"{cooldown}: stopping now would save nothing", **nums)
         text = (f"{curve}; gain {gain:.3g} loss/FLOP vs threshold {lam:.3g} ({source}); predicted loss at "
-                f"step {t_end} {fit.loss(t_end):.4g}, at step {T:.0f} {pred:.4g}")
+                f"step {t_end} {fit.loss(eff(t_end)):.4g}, at step {T:.0f} {pred:.4g} (80 % interval "
+                f"{low:.4g}–{high:.4g})")
         self.below = below + 1 if gain < lam else 0
-        if self.below >= CONFIRM_EVALS:
+        if self.below == 1:
+            self.below_since = step
+        if self.below >= CONFIRM_EVALS and step >= CONFIRM_SPAN * self.below_since:
             return Decision(True, "marginal_gain", f"stop: {text}; cooldown {cooldown} steps, saves "
                             f"~{saved:.0f} steps", cooldown_steps=cooldown, **nums)
         if self.below:
-            return Decision(False, "confirming", f"below the threshold at {self.below} of {CONFIRM_EVALS} "
-                            f"evals in a row: {text}", **nums)
+            return Decision(False, "confirming", f"below the threshold at {self.below} evals in a row since step "
+                            f"{self.below_since}; a stop needs {CONFIRM_EVALS} and steps up to "
+                            f"{math.ceil(CONFIRM_SPAN * self.below_since)}: {text}", **nums)
         return Decision(False, "continue", text, **nums)
 
     # ---------------------------------------------------------------- log, progress, state
@@ -412,12 +454,17 @@ class Governor:
     _STATE = ("steps", "tokens", "train_flops", "eval_flops", "selection_flops", "train_s", "eval_s", "selection_s",
               "step_cost_ema",
               "last_step_cost", "last_eval_cost", "evals", "best_loss", "best_step", "rising", "below",
-              "last_good_step", "decisions", "stop_decision", "budget_hit")
+              "last_good_step", "decisions", "stop_decision", "budget_hit", "below_since")
 
     def state_dict(self) -> dict:
         d = json.loads(json.dumps({k: getattr(self, k) for k in self._STATE}))  # a deep copy
         d["best_loss"] = None if math.isinf(self.best_loss) else self.best_loss  # JSON has no inf
         return d
+
+    def extended(self) -> None:
+        """The run continues under a longer plan (`--extend`): a stop decided under the old horizon no longer
+        holds; the eval history and the accounting carry on."""
+        self.stop_decision, self.below, self.below_since, self.budget_hit = None, 0, 0, False
 
     def load_state_dict(self, d: dict) -> None:
         missing = [k for k in self._STATE if k not in d]
@@ -428,7 +475,48 @@ class Governor:
         self.best_loss = math.inf if self.best_loss is None else float(self.best_loss)
 
     # ---------------------------------------------------------------- report
-    def finalize(self, final_step: int, final_eval_loss: float | None) -> dict:
+    def prediction_report(self, final_step: int, final_eval_loss: float | None) -> dict:
+        """Predicted vs achieved final eval loss: the plan's prediction (for the planned end), and the governor's
+        refined ones — its first fit and its last — read at the step the run actually ended, with their 80 %
+        intervals (curve uncertainty and one eval's noise) and whether the achieved loss fell inside."""
+        p = self.plan.prediction
+        k = p.cooldown_factor  # final evals come after the LR cooldown; the fitted curve is the constant-LR one
+
+        def covered(lo, hi):
+            return None if final_eval_loss is None or lo is None else bool(lo <= final_eval_loss <= hi)
+
+        out = {"achieved": final_eval_loss, "final_step": final_step, "cooldown_factor": k,
+               "plan": {"loss": p.loss, "low": p.low, "high": p.high, "source": p.source,
+                        "planned_steps": self.max_steps, "covered": covered(p.low, p.high)}}
+        fits = [d for d in self.decisions if d.get("fit") and d["reason"] != "stopped"]
+        for name, d in (("refined_first", fits[0] if fits else None), ("refined_last", fits[-1] if fits else None)):
+            if d is None:
+                out[name] = None
+                continue
+            curve = CurveFit.from_dict(d["fit"]).params()
+            t = self._eff(final_step)
+            lo, hi = curve.interval(t)
+            out[name] = {"at_step": d["step"], "loss": curve.loss(t) * k, "low": lo * k, "high": hi * k,
+                         "covered": covered(lo * k, hi * k)}
+        return out
+
+    def store_curve(self, final_step: int, final_eval_loss: float | None, initial_loss: float | None) -> None:
+        """The run's learning curve for later plans on the same model, method, learning rate and data: one fit
+        over every eval before the stop, in effective steps (calibration store, kind "curve")."""
+        from unitrain.plan import calibrate
+
+        key = self.plan.prediction.key
+        pts = [(s, l) for s, l, f in self.evals if f and s >= max(1, self.warmup)]
+        if not key or "|?" in key or len(pts) < MIN_RULE_POINTS or final_eval_loss is None:
+            return
+        fit = fit_power_law([self._eff(s) for s, _ in pts], [l for _, l in pts])
+        if fit is None:
+            return
+        facts = quality.curve_facts(fit, self.tokens_per_step, self.unique, final_step, final_eval_loss,
+                                    initial_loss)
+        calibrate.record(key, {}, {}, str(self.run_dir or ""), kind="curve", facts=facts)
+
+    def finalize(self, final_step: int, final_eval_loss: float | None, initial_loss: float | None = None) -> dict:
         """Budget used vs given, predicted vs achieved loss, compute saved; writes governor.json/.png."""
         fitted = [d for d in self.decisions if d.get("fit")]
         last = fitted[-1] if fitted else None
@@ -451,16 +539,19 @@ class Governor:
             "predicted_loss_full_budget": last["predicted_final_loss"] if last else None,
             "horizon_step": T,
             "fit": last["fit"] if last else None,
+            "prediction": self.prediction_report(final_step, final_eval_loss),
             "compute_saved": {"steps": max(0.0, T - final_step), "flops": max(0.0, T - final_step) * F,
                               "fraction": max(0.0, 1.0 - self.progress()["fraction_of_budget"])},
             "warnings": self.warnings,
         }
         if self.run_dir is None:
             return report
+        self.store_curve(final_step, final_eval_loss, initial_loss)
         try:
             from unitrain.train.report_plot import plot_governor
 
-            report["plot"] = str(plot_governor(self.run_dir / "governor.png", self.evals, self.decisions, report))
+            report["plot"] = str(plot_governor(self.run_dir / "governor.png", self.evals, self.decisions, report,
+                                                self._eff))
         except Exception as e:  # a missing plot must never cost the run its report
             self._warn(f"could not draw governor.png: {e}")
         out = {"report": report, "decisions": self.decisions, "evals": self.evals,

@@ -56,8 +56,11 @@ class RunResult:
 
 
 class Trainer:
-    def __init__(self, recipe, plan: Plan, data: PreparedData, model, tokenizer, run_dir: Path, console=None):
+    def __init__(self, recipe, plan: Plan, data: PreparedData, model, tokenizer, run_dir: Path, console=None,
+                 extend_from: Path | None = None):
+        """`extend_from`: a pre-cooldown checkpoint of this run to continue from under `plan`, a longer one."""
         self.recipe, self.plan, self.data = recipe, plan, data
+        self.extend_from = extend_from
         self.model, self.tokenizer, self.run_dir = model, tokenizer, run_dir
         self.console = console
         self.ctx = dist.context()
@@ -82,12 +85,14 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=getattr(torch, ex.dtype))
                          if self.device.type == "cuda" and ex.dtype != "float32" else None)
         self.step, self.end_step, self.stop_reason = 0, L.steps, "completed"
-        self.eval_every = p.evals.every
+        self.eval_every = p.evals.every  # 0 when the plan runs only a final eval (the stop rule is off)
+        self._has_evals = self.data.eval is not None and p.evals.sequences > 0
         self.state = {"tokens": 0, "flops": 0.0, "wall": 0.0, "evals": []}
         self.step_times: list[float] = []  # this process's step seconds, for calibration
-        resume_from = ckpt.find_resume(self.run_dir / "checkpoints", self.recipe.output.resume, self.ctx.rank,
-                                       self._say)
-        if resume_from is not None:
+        if self.extend_from is not None:
+            self._extend(self.extend_from)
+        elif (resume_from := ckpt.find_resume(self.run_dir / "checkpoints", self.recipe.output.resume,
+                                              self.ctx.rank, self._say)) is not None:
             saved = ckpt.load_checkpoint(resume_from, self.backend, self.ctx.rank)
             if saved.get("plan_fingerprint") != self._plan_fingerprint():
                 raise CheckpointError(
@@ -103,6 +108,38 @@ class Trainer:
         self.tracker = Tracker(self.run_dir, self.recipe, p.to_dict(), self.end_step, self.step,
                                active=self.ctx.is_main, console=self.console)
         signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _extend(self, path: Path) -> None:
+        """Continue a finished (or stopped) run from its pre-cooldown checkpoint under the longer plan: the LR is
+        still at its stable level there, so the new schedule picks it up as a run planned this long would have."""
+        planned = dict(vars(self.schedule))
+        saved = ckpt.load_checkpoint(path, self.backend, self.ctx.rank)
+        # LambdaLR's state dict carries its lambda's attributes: loading it put the old length back into the schedule
+        vars(self.schedule).update(planned)
+        old, new = saved.get("plan_fingerprint", []), self._plan_fingerprint()
+        if [x for i, x in enumerate(old) if i != 6] != [x for i, x in enumerate(new) if i != 6]:  # all but the length
+            raise CheckpointError(f"{path} was written under a different batch shape, strategy or data than the "
+                                  f"extended plan; --extend may change only the length (training.max_steps, "
+                                  f"training.epochs, resources.budget)")
+        self.step, self.end_step, self.stop_reason = saved["step"], self.plan.length.steps, "completed"
+        self.state = saved["state"]
+        self.governor.load_state_dict(saved["governor"])
+        self.governor.extended()
+        if self.ctx.is_main:
+            gone = ckpt.supersede_after(self.run_dir / "checkpoints", self.step)
+            if gone:
+                self._say(f"extend: checkpoints of the old schedule's cooldown set aside: {', '.join(gone)}")
+        dist.barrier()
+        self._say(f"extend: continuing from {path.name} (step {self.step}, before the LR cooldown) to step "
+                  f"{self.end_step}")
+
+    def _save_pre_cooldown(self) -> None:
+        """The state just before an LR cooldown begins: what `unitrain run --extend` continues from."""
+        if not self.recipe.output.keep_pre_cooldown or self.plan.length.schedule != "wsd":
+            return
+        ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.backend, self._trainer_state(),
+                             self.recipe.output.keep_last, self.ctx.rank, dist.barrier,
+                             name=f"pre-cooldown-step-{self.step}")
 
     def _on_sigterm(self, signum, frame) -> None:
         self._sigterm = True
@@ -125,7 +162,7 @@ class Trainer:
         result = RunResult(self.run_dir, self.step, self.stop_reason)
         if self.state["evals"] and self.state["evals"][0][0] == 0:  # resumed: the step-0 eval is on record
             result.initial_eval_loss = self.state["evals"][0][1]
-        if self.step == 0 and self.data.eval is not None:
+        if self.step == 0 and self._has_evals and p.evals.initial:
             result.initial_eval_loss = self._evaluate(0, observe=False)
             self.tracker.log({"step": 0, "eval_loss": result.initial_eval_loss})
         while self.step < self.end_step:
@@ -176,6 +213,9 @@ class Trainer:
                 row["eval_loss"] = self._evaluate(self.step, observe=self.stop_reason == "completed")
             if self.step % max(1, t.log_every) == 0 or "eval_loss" in row:
                 self.tracker.log(row)
+            L = self.plan.length
+            if L.cooldown and self.step == L.steps - L.cooldown and self.stop_reason == "completed":
+                self._save_pre_cooldown()  # the planned cooldown starts with the next step
             if self._sigterm_agreed():
                 self._save()
                 self._say(f"SIGTERM: saved checkpoint step-{self.step}; relaunch with output.resume=auto to continue")
@@ -191,6 +231,7 @@ class Trainer:
         self.stop_reason = decision.reason
         row["stop"] = decision.reason
         if decision.reason in ("marginal_gain", "patience"):
+            self._save_pre_cooldown()  # a rule stop cools down from here: the run can be extended from this step
             self.end_step = self.schedule.begin_cooldown(self.step, decision.cooldown_steps)
             self.tracker.set_total(self.end_step)
             self._say(f"governor: stop ({decision.reason}) at step {self.step}: {decision.detail}; "
@@ -211,9 +252,9 @@ class Trainer:
             self.tracker.close()
             result.steps, result.stop_reason, result.exit_code = self.step, self.stop_reason, 3
             return result
-        final_eval = self._evaluate(self.step, observe=False) if self.data.eval is not None else None
+        final_eval = self._evaluate(self.step, observe=False) if self._has_evals else None
         self._save()
-        report = self.governor.finalize(self.step, final_eval) if self.ctx.is_main else {}
+        report = self.governor.finalize(self.step, final_eval, result.initial_eval_loss) if self.ctx.is_main else {}
         full_state = self.backend.full_state_dict()  # ZeRO-3: gathered onto rank 0 (collective); else None
         if self.ctx.is_main:
             from unitrain.model import export
@@ -245,11 +286,12 @@ class Trainer:
                 self._stop(decision, {})
         return loss
 
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "end_step": self.end_step, "stop_reason": self.stop_reason, "state": self.state,
+                "governor": self.governor.state_dict(), "plan_fingerprint": self._plan_fingerprint()}
+
     def _save(self) -> None:
-        trainer_state = {"step": self.step, "end_step": self.end_step, "stop_reason": self.stop_reason,
-                         "state": self.state, "governor": self.governor.state_dict(),
-                         "plan_fingerprint": self._plan_fingerprint()}
-        ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.backend, trainer_state,
+        ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.backend, self._trainer_state(),
                              self.recipe.output.keep_last, self.ctx.rank, dist.barrier)
 
     def _calibrate(self) -> None:

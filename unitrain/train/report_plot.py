@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from unitrain.train.curve_fit import CurveFit
 
 
-def plot_governor(path: str | Path, evals: list, decisions: list[dict], report: dict) -> Path:
+def plot_governor(path: str | Path, evals: list, decisions: list[dict], report: dict, eff=lambda t: t) -> Path:
     """Write the two-panel report figure to `path` and return it.
 
     evals: [step, loss, fitted] rows; decisions: Governor decision rows; report: Governor.finalize's dict.
@@ -34,13 +34,15 @@ def plot_governor(path: str | Path, evals: list, decisions: list[dict], report: 
 
     horizon = float(report.get("horizon_step") or (pts[:, 0].max() if len(pts) else 1))
     if report.get("fit"):
-        fit = CurveFit.from_dict(report["fit"])
-        t_fit = np.linspace(max(fit.t_first, 1.0), fit.t_last, 200)
-        ax.plot(t_fit, [fit.loss(t) for t in t_fit], "-", color="tab:orange",
-                label=f"fit a + b·t^-c: a={fit.a:.3g}, b={fit.b:.3g}, c={fit.c:.3g}, R²={fit.r2:.3f}")
-        if horizon > fit.t_last:
-            t_ext = np.linspace(fit.t_last, horizon, 100)
-            ax.plot(t_ext, [fit.loss(t) for t in t_ext], "--", color="tab:orange", label="fit, extrapolated")
+        fit = CurveFit.from_dict(report["fit"])  # in effective steps: `eff` maps a step to them
+        last = float(report.get("stop", {}) and report["stop"].get("step") or (pts[:, 0].max() if len(pts) else 1))
+        first = float(pts[:, 0].min()) if len(pts) else 1.0
+        t_fit = np.linspace(max(first, 1.0), max(first, last), 200)
+        ax.plot(t_fit, [fit.loss(eff(t)) for t in t_fit], "-", color="tab:orange",
+                label=f"fit a + b·t_eff^-c: a={fit.a:.3g}, b={fit.b:.3g}, c={fit.c:.3g}, R²={fit.r2:.3f}")
+        if horizon > last:
+            t_ext = np.linspace(last, horizon, 100)
+            ax.plot(t_ext, [fit.loss(eff(t)) for t in t_ext], "--", color="tab:orange", label="fit, extrapolated")
         if report.get("predicted_loss_full_budget") is not None:
             ax.plot([horizon], [report["predicted_loss_full_budget"]], "x", ms=9, mew=2, color="tab:orange",
                     label=f"predicted at full budget (step {horizon:.0f}): "

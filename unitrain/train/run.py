@@ -92,7 +92,7 @@ def prepare_data(recipe, tokenizer, ctx):
     return tok, cleaning, pipeline.data_stats(tok, recipe, tokenizer.pad_token_id, cleaning)
 
 
-def run_recipe(recipe, console=None, *, replan: bool = False):
+def run_recipe(recipe, console=None, *, replan: bool = False, extend: bool = False):
     """Plan (or load the stored plan), build and train one recipe; -> RunResult. Raises UnitrainError for anything
     the user can fix."""
     from unitrain import model as M
@@ -120,8 +120,16 @@ def run_recipe(recipe, console=None, *, replan: bool = False):
         preflight.check_model(recipe, model_config, tokenizer)  # before the data and the weights
         tok, cleaning, stats = prepare_data(recipe, tokenizer, ctx)
         preflight.check_token_ids(tok, model_config)
-        stored = resume.stored_plan(run_dir, recipe) if not replan and _resuming(run_dir, recipe) else None
-        plan = stored or make_plan(recipe, spec, model_config, stats, world_size=ctx.world)
+        extend_from = None
+        if extend:  # a longer plan, continued from the state just before the old one's LR cooldown
+            old = resume.stored_plan(run_dir, recipe, extend=True)
+            pre = ckpt.pre_cooldown(run_dir / "checkpoints")
+            plan = resume.check_extension(old, make_plan(recipe, spec, model_config, stats, world_size=ctx.world),
+                                          pre, run_dir)
+            extend_from, stored = pre[1], None
+        else:
+            stored = resume.stored_plan(run_dir, recipe) if not replan and _resuming(run_dir, recipe) else None
+            plan = stored or make_plan(recipe, spec, model_config, stats, world_size=ctx.world)
         if stored is not None:
             resume.check_data(plan, stats)
         keep, subset = choose_subset(tok, cleaning, recipe, plan)
@@ -145,7 +153,7 @@ def run_recipe(recipe, console=None, *, replan: bool = False):
         kernel_report = M.apply_kernels(model, plan.execution.kernels, recipe.training.kernels)
         if kernel_report is not None and ctx.is_main:
             _say(console, f"kernels: {kernel_report}")
-        trainer = Trainer(recipe, plan, data, model, tokenizer, run_dir, console)
+        trainer = Trainer(recipe, plan, data, model, tokenizer, run_dir, console, extend_from=extend_from)
         try:
             return _train_and_score(trainer, recipe, data, tok, run_dir, ctx,
                                     (subset.get("selector_flops", 0.0), subset.get("seconds", 0.0)))
@@ -188,7 +196,9 @@ def _train_and_score(trainer, recipe, data, tok, run_dir, ctx, selection_cost):
         write_json(run_dir / "exact_match.json", {"before": result.initial_exact_match,
                                                   "after": result.exact_match, "examples": rows})
     if ctx.is_main:
-        write_json(run_dir / "summary.json", {k: v for k, v in vars(result).items() if k != "run_dir"})
+        summary = {k: v for k, v in vars(result).items() if k != "run_dir"}
+        summary["prediction"] = (result.extra.get("governor") or {}).get("prediction")  # predicted vs achieved
+        write_json(run_dir / "summary.json", summary)
     return result
 
 
