@@ -5,7 +5,10 @@ Nothing is written into the run directory until the recipe, the resources, the d
 resolved: a launch that is refused leaves the run directory as it was. A relaunch of a run that has checkpoints
 executes the run's stored plan.json (it re-plans only with `replan=True`, and then the trainer refuses to
 continue if the plan changed); recipe keys that do not change the math may change between launches, any other
-change is refused with the list of what changed (resume.py).
+change is refused with the list of what changed (resume.py). `plan_file` (`unitrain run RECIPE --plan plan.json`)
+executes a plan made elsewhere (`unitrain plan ... --scan-data --out plan.json`) exactly, after checking that it is
+this recipe's and that the machine found here is the one planned (preflight.py). A fresh plan is made for this
+machine: the processes the launcher started and the packages installed here.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from unitrain.data import pipeline
 from unitrain.errors import UnitrainError
 from unitrain.recipe import recipe_to_yaml
 from unitrain.train import checkpoint as ckpt
-from unitrain.train import resume
+from unitrain.train import preflight, resume
 
 log = logging.getLogger("unitrain")
 
@@ -92,9 +95,9 @@ def prepare_data(recipe, tokenizer, ctx):
     return tok, cleaning, pipeline.data_stats(tok, recipe, tokenizer.pad_token_id, cleaning)
 
 
-def run_recipe(recipe, console=None, *, replan: bool = False):
-    """Plan (or load the stored plan), build and train one recipe; -> RunResult. Raises UnitrainError for anything
-    the user can fix."""
+def run_recipe(recipe, console=None, *, replan: bool = False, plan_file: str | None = None):
+    """Plan (or load the stored plan, or the plan file), build and train one recipe; -> RunResult. Raises
+    UnitrainError for anything the user can fix."""
     from unitrain import model as M
     from unitrain.plan import make_plan
     from unitrain.resources import resolve_resources
@@ -103,17 +106,17 @@ def run_recipe(recipe, console=None, *, replan: bool = False):
     ctx = dist.init()
     try:
         run_dir = check_run_dir(recipe) if ctx.is_main else recipe.run_dir
-        spec = resolve_resources(recipe.resources, world_size=ctx.world if ctx.world > 1 else None)
+        resuming = ckpt.find_resume(run_dir / "checkpoints", recipe.output.resume) is not None
+        executing = (resuming or plan_file is not None) and not replan  # a plan made elsewhere: checked below
+        spec = None if executing else resolve_resources(recipe.resources, world_size=ctx.world, mode="run")
         tokenizer = M.load_tokenizer(recipe.model, recipe.base_dir)
         model_config = M.load_config(recipe.model, recipe.base_dir)
         if recipe.model.max_layers:
             model_config.num_hidden_layers = min(model_config.num_hidden_layers, recipe.model.max_layers)
         tok, cleaning, stats = prepare_data(recipe, tokenizer, ctx)
-        resuming = ckpt.find_resume(run_dir / "checkpoints", recipe.output.resume) is not None
-        stored = resume.stored_plan(run_dir, recipe) if resuming and not replan else None
+        stored, source = _plan_to_execute(run_dir, recipe, model_config, stats, ctx, resuming, replan, plan_file)
         plan = stored or make_plan(recipe, spec, model_config, stats, world_size=ctx.world)
-        if stored is not None:
-            resume.check_data(plan, stats)
+        preflight.check_packages(plan)  # the packages on this machine, not the planning one's
         keep, subset = choose_subset(tok, cleaning, recipe, plan)
         data = pipeline.finalize(tok, recipe, tokenizer.pad_token_id, keep, subset)
         if len(data.train) < 1:
@@ -125,7 +128,7 @@ def run_recipe(recipe, console=None, *, replan: bool = False):
             plan.save(run_dir / "plan.json")
             (run_dir / "selection.json").write_text(json.dumps(subset, indent=1, default=float))
             if stored is not None:
-                _say(console, f"resuming: executing the stored plan {run_dir / 'plan.json'}")
+                _say(console, f"{'resuming' if resuming else 'executing'}: the plan from {source}")
             _print_plan(plan, console)
         dist.barrier()
         model = M.load_model(recipe.model, plan.execution, recipe.training.seed, recipe.base_dir)
@@ -147,6 +150,32 @@ def run_recipe(recipe, console=None, *, replan: bool = False):
             raise
     finally:
         dist.shutdown()
+
+
+def _plan_to_execute(run_dir, recipe, model_config, stats, ctx, resuming: bool, replan: bool, plan_file):
+    """(the plan a relaunch or `--plan FILE` executes, where it came from), or (None, "") to plan here. Either is
+    checked against this recipe, its data and the machine found here before anything runs."""
+    from unitrain.plan.shape import model_shape
+
+    if replan:
+        return None, ""
+    if resuming:
+        plan, source = resume.stored_plan(run_dir, recipe), f"{run_dir / 'plan.json'} (stored)"
+        resume.check_data(plan, stats)
+        if plan_file is not None:
+            from unitrain.plan.schema import Plan
+
+            if Plan.load(plan_file).execution != plan.execution:
+                raise UnitrainError(f"{run_dir} was started from another plan than {plan_file}; a relaunch executes "
+                                    f"its stored plan.json: drop --plan, or start a new run with name=<new name>")
+    elif plan_file is not None:
+        shape = model_shape(recipe.model, model_config, recipe.base_dir)
+        plan, source = preflight.load_plan_file(plan_file, recipe, shape, stats), f"plan file {plan_file}"
+    else:
+        return None, ""
+    found = preflight.machine_resources(ctx.world, plan.resources.nodes, cpu=plan.resources.on_cpu)
+    preflight.check_machine(plan, found, source)
+    return plan, source
 
 
 def _train_and_score(trainer, recipe, data, tok, run_dir, ctx, selection_cost):
