@@ -222,7 +222,8 @@ def _plan_target(cfg, named, machine, assumed: list) -> tuple[Accelerator, int, 
         return acc, int(gpus), machine.cuda
     here = None
     if gpus == "auto" or cfg.gpu_memory in (None, "auto") or cfg.cpu_memory in (None, "auto"):
-        here = machine.cuda and machine.accelerator(cfg.peak_tflops).name == named.name
+        local = machine.table.from_device(machine.hw["accelerator"]) if machine.cuda else None
+        here = local is not None and local.name == named.name
     if gpus == "auto":
         if here:
             return named, machine.hw["gpus"], True

@@ -213,8 +213,8 @@ def advise(recipe_path: str, load: Callable, base_args: list[str], stats=None, d
     unpriced = [n for n in table.listed if n not in priced]
     if unpriced:
         notes.append(f"not priced, so not shown: {', '.join(unpriced)} (give prices with --prices FILE)")
-    notes.append(f"prices: on-demand USD per GPU-hour from {table.source} (each with its source and date); "
-                 f"replace them with --prices FILE")
+    notes.append(f"GiB: predicted peak per GPU; $/h: on-demand USD per GPU-hour from {table.source} (each with "
+                 f"its source and date; replace them with --prices FILE)")
     return Advice(recipe_path, ref_name, work, deadline_h, table.source, rows, notes)
 
 
@@ -240,6 +240,15 @@ def _num(x: float | None, fmt: str) -> str:
     return "—" if x is None else format(x, fmt)
 
 
+def _small(x: float | None, fmt: str = ".3g", floor: float = 0.01) -> str:
+    """Numbers for a table: no scientific notation; below `floor` just '<floor'."""
+    if x is None:
+        return "—"
+    if x < floor:
+        return f"<{floor:g}"
+    return f"{x:,.0f}" if x >= 1000 else format(x, fmt)
+
+
 def print_advice(adv: Advice, console) -> None:
     from rich.table import Table
 
@@ -248,11 +257,14 @@ def print_advice(adv: Advice, console) -> None:
     if adv.deadline_h is not None:
         console.print(f"deadline: {adv.deadline_h:g} h wall (* misses it; cheapest: the cheapest that meets it)",
                       highlight=False)
-    t = Table(show_edge=False, pad_edge=False)
-    for col, just in (("GPU", "left"), ("n", "right"), ("peak GiB", "right"), ("strategy / why not", "left"),
-                      ("s/step", "right"), ("wall h", "right"), ("GPU-h", "right"), ("$/GPU-h", "right"),
+    from rich import box
+
+    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    for col, just in (("GPU", "left"), ("n", "right"), ("GiB", "right"), ("strategy / why not", "left"),
+                      ("s/step", "right"), ("wall h", "right"), ("GPU-h", "right"), ("$/h", "right"),
                       ("cost $", "right"), ("", "left")):
-        t.add_column(col, justify=just, overflow="fold")
+        t.add_column(col, justify=just, overflow="fold", no_wrap=just == "right" or not col,
+                     min_width=16 if col.startswith("strategy") else None)
     last = None
     for r in adv.rows:
         if last is not None and r.accelerator != last:
@@ -264,9 +276,17 @@ def print_advice(adv: Advice, console) -> None:
             t.add_row(r.accelerator, n, "—", f"no: {r.why_not}", "", "", "", price, "", "")
             continue
         mark = " ".join(f"◀ {m}" for m in r.marks)
-        t.add_row(r.accelerator, n, f"{r.peak_gib:.1f}", r.strategy, _num(r.step_time_s, ".3g"),
-                  _num(r.wall_h, ".3g") + ("*" if r.meets_deadline is False else ""), _num(r.gpu_hours, ".3g"),
-                  price, _num(r.cost, ",.0f"), mark)
+        t.add_row(r.accelerator, n, f"{r.peak_gib:.1f}", r.strategy, _small(r.step_time_s, floor=0.001),
+                  _small(r.wall_h) + ("*" if r.meets_deadline is False else ""), _small(r.gpu_hours),
+                  price, _small(r.cost, ".0f" if (r.cost or 0) >= 10 else ".2f"), mark)
     console.print(t)
+    for mark, label in (("cheapest", "cheapest" + (f" within {adv.deadline_h:g} h" if adv.deadline_h else "")),
+                        ("fastest", "fastest")):
+        r = next((r for r in adv.rows if mark in r.marks), None)
+        if r is not None:
+            n = f"{r.nodes} nodes × {r.gpus_per_node}" if r.nodes > 1 else str(r.gpus)
+            console.print(f"{label}: {n} × {r.accelerator}, {r.strategy}: {_small(r.wall_h)} h wall, "
+                          f"{_small(r.gpu_hours)} GPU-hours, ${_small(r.cost, '.2f')}  ({r.command})",
+                          highlight=False, markup=False)
     for n in adv.notes:
         console.print(f"note: {n}", highlight=False, markup=False)
