@@ -19,6 +19,7 @@ FORBIDDEN = {
     "unitrain.resources": ("unitrain.plan", "unitrain.train", "unitrain.data", "unitrain.model", "unitrain.cli"),
     "unitrain.recipe": ("unitrain.plan", "unitrain.train", "unitrain.data", "unitrain.model", "unitrain.cli"),
     "unitrain.sources": ("unitrain.plan", "unitrain.train", "unitrain.data", "unitrain.model", "unitrain.cli"),
+    "unitrain.hardware": ("unitrain.",),  # the hardware table reads its data file and nothing else of unitrain
     "unitrain.errors": ("unitrain.",),
 }
 

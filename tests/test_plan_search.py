@@ -8,7 +8,7 @@ import time
 import pytest
 
 from unitrain.errors import MissingPackageError, PlanError, UnitrainError
-from unitrain.plan import DataStats, Plan, make_plan, search
+from unitrain.plan import DataStats, Plan, make_plan
 from unitrain.recipe import validate
 from unitrain.resources import ResourceSpec, lookup_accelerator, parse_budget, parse_memory
 
@@ -24,10 +24,10 @@ def recipe(model="meta-llama/Llama-3.1-8B", method="lora", seq=2048, gbs=16, **s
     return validate(d, check_files=False)
 
 
-def spec(gpus=1, mem="24GiB", acc="RTX4090", cpu="128GiB", budget=None, nodes=1):
+def spec(gpus=1, mem="24GiB", acc="RTX4090", cpu="128GiB", budget=None, nodes=1, **kw):
     a = lookup_accelerator(acc)
     return ResourceSpec(gpus, nodes, parse_memory(mem), parse_memory(cpu), a.name, a.peak_flops, a.mfu,
-                        parse_budget(budget) if budget else None)
+                        parse_budget(budget) if budget else None, **kw)
 
 
 @pytest.fixture(autouse=True)
@@ -116,14 +116,22 @@ def test_global_batch_must_divide_over_ranks():
 
 
 def test_missing_packages_are_skipped_or_refused(monkeypatch):
-    monkeypatch.setattr(search, "has_package", lambda name: name not in ("deepspeed", "bitsandbytes"))
-    plan = make_plan(recipe(method="full", model="meta-llama/Llama-3.2-1B"), spec(2, "80GiB", "H100"))
+    """The target's packages come from the spec (spec.packages), never from the planning machine."""
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: pytest.fail(f"the planner looked up {name}"))
+    bare = dict(packages=["triton"])
+    plan = make_plan(recipe(method="full", model="meta-llama/Llama-3.2-1B"), spec(2, "80GiB", "H100", **bare))
     assert plan.execution.zero_stage == 0 and plan.execution.optimizer == "adamw"
     assert any("unitrain[deepspeed]" in n for n in plan.notes)
     with pytest.raises(MissingPackageError, match=r"pip install 'unitrain\[deepspeed\]'"):
-        make_plan(recipe(strategy__zero_stage=2), spec())
+        make_plan(recipe(strategy__zero_stage=2), spec(**bare))
     with pytest.raises(MissingPackageError, match=r"pip install 'unitrain\[bnb\]'"):
-        make_plan(recipe(method="qlora"), spec())
+        make_plan(recipe(method="qlora"), spec(**bare))
+    with pytest.raises(MissingPackageError, match=r"pip install 'unitrain\[triton\]'"):
+        make_plan(recipe(training__kernels="on"), spec(packages=[]))
+    assert not make_plan(recipe(), spec(packages=[])).execution.kernels  # auto: no triton, no kernels
+    # the default spec is the pinned image: ZeRO, 8-bit optimizers and kernels are all there
+    full = make_plan(recipe(method="full", model="meta-llama/Llama-3.1-8B"), spec(8, "80GiB", "H100"))
+    assert full.execution.zero_stage > 0 and full.resources.packages == ["bitsandbytes", "deepspeed", "triton"]
 
 
 def test_qlora_with_zero3_is_refused():

@@ -34,16 +34,30 @@ def test_parse_budget_units():
 
 
 def test_accelerator_table_and_lookup():
-    for name in ("V100", "T4", "A10G", "L4", "RTX4090", "A100-40GB", "A100-80GB", "H100", "H200", "MI300X"):
+    for name in ("V100", "T4", "A10G", "L4", "L40S", "RTX4090", "A100-40GB", "A100-80GB", "H100", "H200", "MI300X"):
         a = R.lookup_accelerator(name)
-        assert a.peak_flops > 1e13 and 0 < a.mfu < 1 and a.memory > 0
-    assert R.lookup_accelerator("NVIDIA H100 80GB HBM3").name == "H100"
-    assert R.lookup_accelerator("NVIDIA A100-SXM4-40GB").name == "A100-40GB"
-    assert R.lookup_accelerator("Tesla V100-SXM2-32GB").name == "V100"
+        assert a.peak_flops > 1e13 and 0 < a.mfu < 1 and a.memory > 0 and a.intra_node_bw > 0
+    table = R.load_table()
+    assert table.from_device("NVIDIA H100 80GB HBM3").name == "H100"
+    assert table.from_device("NVIDIA A100-SXM4-40GB").name == "A100-40GB"
+    assert table.from_device("Tesla V100-SXM2-32GB").name == "V100"
+    assert table.from_device("NVIDIA L40S").name == "L40S"  # not L4
+    assert table.from_device("NVIDIA H200").name == "H200"
     assert R.lookup_accelerator("a100").name == "A100-80GB"
     assert R.lookup_accelerator("h100").peak_flops == 989e12  # dense bf16, no sparsity
-    with pytest.raises(ValueError, match="known: V100"):
+    with pytest.raises(ValueError, match="known: H100"):
         R.lookup_accelerator("TPU-v9")
+
+
+def test_typed_accelerator_names_match_exactly_up_to_spelling():
+    for typed, name in [("a100-80g", "A100-80GB"), ("A100 80GB", "A100-80GB"), ("H100 SXM", "H100"),
+                        ("h100_sxm5", "H100"), ("rtx 4090", "RTX4090"), ("GeForce RTX 4090", "RTX4090"),
+                        ("l40s", "L40S"), ("cpu", "CPU"), ("H100 PCIe", "H100-PCIE")]:
+        assert R.lookup_accelerator(typed).name == name, typed
+    for typed, close in [("H1000", "H100"), ("A100-80", "A100-80GB"), ("L40", "L40S"), ("A10", "A10G")]:
+        with pytest.raises(ValueError, match=f"did you mean {close}") as e:  # no substring guessing
+            R.lookup_accelerator(typed)
+        assert "known: H100, H100-PCIE, H200" in str(e.value)
 
 
 def test_resolve_explicit_resources_needs_no_detection(monkeypatch):

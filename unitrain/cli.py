@@ -6,24 +6,70 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 
 from rich.console import Console
 
 from unitrain import __version__
-from unitrain.errors import UnitrainError
+from unitrain.errors import RecipeError, UnitrainError
 
 EPILOG = """examples:
   unitrain run recipes/quickstart.yaml
   unitrain run recipes/quickstart.yaml training.lr=1e-4 name=lr-sweep-1
   unitrain plan recipes/llama-lora.yaml --gpus 1 --gpu-memory 24GiB --budget 2e18
+  unitrain plan recipes/llama-lora.yaml --advise --deadline 12h
   torchrun --nproc_per_node 2 -m unitrain run RECIPE
   deepspeed --num_gpus 2 $(which unitrain) run RECIPE
 """
 
+PLAN_EPILOG = """--gpus N means N GPUs whatever this machine has: of --accelerator, else of this machine's GPU, else of the
+default H100 (the plan says which it assumed). The software assumed is the pinned image's (deepspeed,
+bitsandbytes, triton) unless --local-packages.
+
+examples:
+  unitrain plan recipes/llama-lora.yaml --gpus 8 --accelerator A100-80GB
+  unitrain plan recipes/llama-lora.yaml --gpus 1 --accelerator L4 --json
+  unitrain plan recipes/llama-lora.yaml --advise --deadline 12h
+  unitrain plan recipes/quickstart.yaml --scan-data --out plan.json
+  unitrain run recipes/quickstart.yaml --plan plan.json
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that with --json a usage error is JSON on stdout too."""
+
+    json_errors = False
+
+    def error(self, message):
+        if _Parser.json_errors:
+            print(json.dumps({"error": message, "fix": f"see `{self.prog} --help`"}))
+            sys.exit(2)
+        super().error(message)
+
+
+_FIX_START = re.compile(r"(?:[;.:]\s+|—\s*|\(|,\s+)(?=(?:set|use|raise|lower|give|add|make|install|run|restore|"
+                        r"choose|start|launch|pass|plan|try|either|rerun|continue|check|fix|remove|drop|name|"
+                        r"relaunch|resume|describe|point|pick|did you mean|expected|must|examples?)\b)", re.IGNORECASE)
+
+
+def error_fix(e: UnitrainError) -> str | None:
+    """The fix an error states: the one it was raised with, else its first clause that says what to do."""
+    if e.fix:
+        return e.fix
+    if isinstance(e, RecipeError):  # one fix per problem, each under its key
+        return "; ".join(f"{p.split(': ', 1)[0]}: {_clause_fix(p.split(': ', 1)[-1]) or p.split(': ', 1)[-1]}"
+                         for p in e.problems)
+    return _clause_fix(str(e))
+
+
+def _clause_fix(msg: str) -> str | None:
+    m = _FIX_START.search(msg)
+    return msg[m.end():].strip().rstrip(".") if m else None
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="unitrain", description="Train language models under explicit resource limits: "
+    p = _Parser(prog="unitrain", description="Train language models under explicit resource limits: "
                                 "plan, run, and stop when more compute stops paying.", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"unitrain {__version__}")
@@ -35,24 +81,38 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("recipe")
     run.add_argument("overrides", nargs="*", metavar="key=value")
     run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    run.add_argument("--replan", action="store_true", help="relaunching a run: make a new plan instead of executing "
-                     "the stored plan.json (the run continues only if the new plan matches its checkpoints)")
+    run.add_argument("--plan", metavar="PLAN.json", help="execute this plan file (from unitrain plan --out) after "
+                     "checking it was made for this recipe and for the machine found here")
+    run.add_argument("--replan", action="store_true", help="make a new plan for this machine instead of executing "
+                     "the run's stored plan.json or the --plan file (a relaunch continues only if the new plan "
+                     "matches its checkpoints)")
     run.add_argument("--extend", action="store_true", help="train a finished run longer: change training.max_steps, "
                      "training.epochs or resources.budget, and it continues from its checkpoint before the LR "
                      "cooldown under the longer plan")
 
-    plan = sub.add_parser("plan", help="print the plan for a recipe without training")
+    plan = sub.add_parser("plan", help="print the plan for a recipe without training", epilog=PLAN_EPILOG,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     plan.add_argument("recipe")
     plan.add_argument("overrides", nargs="*", metavar="key=value")
-    plan.add_argument("--gpus", type=int, help="GPUs per node")
+    plan.add_argument("--gpus", type=int, help="GPUs per node (GPUs even on a machine without one; 0 = CPU)")
     plan.add_argument("--nodes", type=int)
-    plan.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GiB")
+    plan.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GiB (default: the accelerator's)")
     plan.add_argument("--cpu-memory", help="CPU memory per node, e.g. 512GiB")
-    plan.add_argument("--accelerator", help="e.g. H100, A100-80GB, L4")
+    plan.add_argument("--accelerator", help="e.g. H100, A100-80GB, L4, RTX4090 (unitrain/hardware.json), or CPU")
     plan.add_argument("--budget", help="FLOPs (2e19), GPU-hours (6h) or tokens (50M tokens)")
-    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--local-packages", action="store_true", help="plan with this machine's deepspeed / "
+                      "bitsandbytes / triton instead of the pinned image's (resources.packages=local)")
+    plan.add_argument("--prices", metavar="FILE", help="hardware data file replacing or extending "
+                      "unitrain/hardware.json: accelerators, interconnect, hourly prices (resources.hardware)")
+    plan.add_argument("--json", action="store_true", help="print the plan (or the --advise rows) as JSON on stdout; "
+                      "errors too, as {\"error\": ..., \"fix\": ...} with a non-zero exit")
+    plan.add_argument("--out", metavar="PLAN.json", help="save the plan for `unitrain run RECIPE --plan PLAN.json` "
+                      "(needs --scan-data: the plan file carries the data decision)")
     plan.add_argument("--deepspeed-config", metavar="OUT.json", help="write the DeepSpeed config the plan implies")
     plan.add_argument("--scan-data", action="store_true", help="tokenize the data to plan epochs and subset size")
+    plan.add_argument("--advise", action="store_true", help="compare every priced accelerator × 1-64 GPUs for this "
+                      "recipe: fits, strategy, step and wall time, GPU-hours, cost")
+    plan.add_argument("--deadline", help="with --advise: the wall time to meet, e.g. 12h, 90m, 2d")
 
     cal = sub.add_parser("calibrate", help="run a few real steps and store measured/predicted factors for later "
                          "plans; --list / --reset show and clear the calibration store")
@@ -83,7 +143,7 @@ def cmd_run(args, console) -> int:
     from unitrain.train.run import run_recipe
 
     recipe = _load(args)
-    result = run_recipe(recipe, console, replan=args.replan, extend=args.extend)
+    result = run_recipe(recipe, console, replan=args.replan, plan_file=args.plan, extend=args.extend)
     if result.exit_code == 0 and int(os.environ.get("RANK", "0")) == 0:
         line = f"done: {result.steps} steps ({result.stop_reason})"
         if result.final_eval_loss is not None:
@@ -118,8 +178,9 @@ def _governor_lines(report: dict) -> list[str]:
 def _resource_overrides(args) -> list[str]:
     pairs = {"gpus": "resources.gpus_per_node", "nodes": "resources.nodes", "gpu_memory": "resources.gpu_memory",
              "cpu_memory": "resources.cpu_memory", "accelerator": "resources.accelerator",
-             "budget": "resources.budget"}
-    return [f"{key}={getattr(args, a)}" for a, key in pairs.items() if getattr(args, a, None) is not None]
+             "budget": "resources.budget", "prices": "resources.hardware"}
+    out = [f"{key}={getattr(args, a)}" for a, key in pairs.items() if getattr(args, a, None) is not None]
+    return out + (["resources.packages=local"] if getattr(args, "local_packages", False) else [])
 
 
 def _scan(recipe, required: bool = True):
@@ -152,6 +213,14 @@ def cmd_plan(args, console) -> int:
     from unitrain.plan.deepspeed import CLIENT_OPTIMIZER_NOTE
     from unitrain.plan.report import print_plan
 
+    if args.advise:
+        return cmd_advise(args, console)
+    if args.deadline:
+        raise UnitrainError("--deadline ranks the hardware table of --advise; add --advise", fix="add --advise")
+    if args.out and not args.scan_data:
+        raise UnitrainError(f"--out {args.out}: a plan file is what `unitrain run --plan` executes exactly, so it must "
+                            f"hold the data decision (subset, epochs, evals); add --scan-data, which tokenizes and "
+                            f"cleans the data as `unitrain run` does", fix="add --scan-data")
     recipe = _load(args, _resource_overrides(args))
     _preflight_plan(recipe)
     stats = None
@@ -163,6 +232,11 @@ def cmd_plan(args, console) -> int:
         print(plan.to_json())
     else:
         print_plan(plan, console)
+    if args.out:
+        plan.save(args.out)
+        Console(stderr=True).print(f"plan written to {args.out}; execute it with `unitrain run {args.recipe} --plan "
+                                   f"{args.out}` (it checks the world size, accelerator and memory it finds)",
+                                   highlight=False, markup=False)
     if args.deepspeed_config:
         ds = plan.execution.deepspeed
         if ds is None:
@@ -200,6 +274,31 @@ def _budget_pays_for_evals(recipe) -> bool:
                                "dataset); `unitrain run` counts them, so it may train fewer steps than shown (add "
                                "--scan-data to count them here)", highlight=False)
     return False
+
+
+def cmd_advise(args, console) -> int:
+    """`unitrain plan RECIPE --advise`: one make_plan per accelerator × GPU count (plan/advise.py)."""
+    from unitrain.plan.advise import advise, parse_hours, print_advice
+
+    if args.out or args.deepspeed_config:
+        raise UnitrainError("--advise compares many plans; --out and --deepspeed-config take one: drop --advise and "
+                            "name the hardware (--accelerator X --gpus N)", fix="drop --advise, or drop --out / "
+                            "--deepspeed-config")
+    deadline = parse_hours(args.deadline) if args.deadline else None
+    opts = _resource_overrides(args)
+    base = _load(args, opts)
+    stats = _scan(base)[2] if args.scan_data else None
+    keep = list(args.overrides)  # what every row's command repeats (the hardware options are each row's own)
+    keep += ["--budget", args.budget] if args.budget else []
+    keep += ["--prices", args.prices] if args.prices else []
+    keep += ["--local-packages"] if args.local_packages else []
+    keep += ["--scan-data"] if args.scan_data else []
+    adv = advise(args.recipe, lambda extra: _load(args, opts + list(extra)), keep, stats, deadline)
+    if args.json:
+        print(adv.to_json())
+    else:
+        print_advice(adv, console)
+    return 0
 
 
 def cmd_select(args, console) -> int:
@@ -287,6 +386,19 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    json_mode = "--json" in (sys.argv[1:] if argv is None else argv)  # then stdout is JSON, errors included
+    _Parser.json_errors = json_mode
+    try:
+        return _main(argv, json_mode)
+    except SystemExit as e:  # argparse: a usage error (printed as JSON with --json) or --help
+        if not json_mode:
+            raise
+        return e.code if isinstance(e.code, int) else 2
+    finally:
+        _Parser.json_errors = False
+
+
+def _main(argv, json_mode: bool) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # key=value overrides may also follow the options
     unknown = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
@@ -305,11 +417,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args, console)
     except UnitrainError as e:
-        Console(stderr=True).print(f"error: {e}", markup=False, highlight=False, style="red")
+        if json_mode:
+            print(json.dumps({"error": str(e), "fix": error_fix(e)}))
+        else:
+            Console(stderr=True).print(f"error: {e}", markup=False, highlight=False, style="red")
         return e.exit_code
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
         return 130
+    except Exception as e:
+        if not json_mode:
+            raise
+        import traceback
+
+        traceback.print_exc()  # to stderr: stdout stays JSON
+        print(json.dumps({"error": f"internal error: {type(e).__name__}: {e}",
+                          "fix": "this is a bug in unitrain; report it with the traceback printed on stderr"}))
+        return 1
 
 
 if __name__ == "__main__":

@@ -141,15 +141,25 @@ class TrainingConfig:
 
 @dataclass
 class ResourcesConfig:
-    gpus_per_node: Union[int, str] = _doc("GPUs per node, or auto (detected).", default="auto")
+    gpus_per_node: Union[int, str] = _doc("GPUs per node, planned as GPUs on any machine (0 = CPU processes); auto "
+                                          "= this machine's (a run: the processes the launcher started).",
+                                          default="auto")
     nodes: int = _doc("Number of nodes.", default=1)
-    gpu_memory: Optional[Union[str, int]] = _doc("Memory per GPU, e.g. 80GiB; auto = detected.", default="auto")
-    cpu_memory: Optional[Union[str, int]] = _doc("CPU memory per node, e.g. 512GiB; auto = detected.",
-                                                 default="auto")
-    accelerator: str = _doc("Accelerator name (H100, A100-80GB, ...) or auto.", default="auto")
+    gpu_memory: Optional[Union[str, int]] = _doc("Memory per GPU, e.g. 80GiB; auto = detected on this machine's GPU, else the "
+                                     "accelerator's.", default="auto")
+    cpu_memory: Optional[Union[str, int]] = _doc("CPU memory per node, e.g. 512GiB; auto = detected on this machine, else a "
+                                     "typical instance's for the accelerator (the plan says which).", default="auto")
+    accelerator: str = _doc("Accelerator name (H100, A100-80GB, L40S, RTX4090, ... CPU; unitrain/hardware.json) or "
+                            "auto (this machine's GPU; with a GPU count on a machine without one: H100).",
+                            default="auto")
     peak_tflops: Optional[float] = _doc("Override the accelerator's peak dense bf16 TFLOP/s.", default=None)
     budget: Optional[Union[str, float]] = _doc("Budget: FLOPs ('2e18'), GPU-hours ('3h', '90m') or tokens ('5M tokens').",
                                  default=None)
+    packages: str = _doc("Software the plan assumes: pinned (the Docker image's deepspeed, bitsandbytes, triton) or "
+                         "local (what this machine has). `unitrain run` always checks its own machine.",
+                         default="pinned")
+    hardware: Optional[str] = _doc("Hardware data file (accelerators, interconnects, hourly prices) replacing or "
+                                   "extending unitrain/hardware.json; `--prices FILE`.", default=None)
 
 
 @dataclass
@@ -429,11 +439,20 @@ def _check_values(r: Recipe, problems: list[str], check_files: bool) -> None:
         bad("resources.gpus_per_node", f"must be an integer >= 0 or 'auto', got {rs.gpus_per_node!r}")
     if rs.nodes < 1:
         bad("resources.nodes", f"must be >= 1, got {rs.nodes}")
-    if rs.accelerator != "auto":
+    table = None
+    if rs.hardware is not None:
         try:
-            res.lookup_accelerator(rs.accelerator)
+            table = res.load_table(rs.hardware)
+        except ValueError as e:
+            bad("resources.hardware", str(e))
+    if rs.accelerator != "auto" and rs.peak_tflops is None:  # with peak_tflops an unknown name describes a new one
+        try:
+            res.lookup_accelerator(rs.accelerator, table)
         except ValueError as e:
             bad("resources.accelerator", str(e))
+    if rs.packages not in ("pinned", "local"):
+        bad("resources.packages", f"use pinned (the Docker image's packages) or local (this machine's), got "
+                                  f"{rs.packages!r}")
     if rs.peak_tflops is not None and rs.peak_tflops <= 0:
         bad("resources.peak_tflops", f"must be > 0, got {rs.peak_tflops}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
 GiB = 1024**3
@@ -74,56 +74,27 @@ def parse_budget(value: str | int | float) -> Budget:
     return b
 
 
-@dataclass(frozen=True)
-class Accelerator:
-    name: str
-    peak_flops: float  # dense bf16/fp16 tensor-core FLOP/s, no sparsity
-    memory: int  # bytes per device
-    mfu: float  # prior for achieved model FLOPs utilisation in training
+# The accelerator table lives in one data file (unitrain/hardware.json, loaded by unitrain/hardware.py).
+from unitrain.hardware import CPU, DEFAULT_ACCELERATOR, Accelerator, load_table  # noqa: E402
+
+ACCELERATORS = load_table().accelerators  # the shipped table, by name (CPU: hardware.CPU)
+
+# The optional packages the project's pinned image has (docker/constraints.txt): the planner assumes the target
+# has them unless told to look at this machine (resources.packages=local); `unitrain run` looks at its machine.
+PINNED_PACKAGES = ("bitsandbytes", "deepspeed", "triton")
+MEMORY_TOLERANCE = 0.03  # a device may report up to 3 % less than its datasheet (80 GB HBM3 -> 79.6 GiB)
 
 
-# Vendor datasheets, dense (non-sparse) bf16/fp16 tensor throughput. MFU priors: llm-foundry tables
-# (A100 45-64%, H100 36-46% for full fine-tuning); older/consumer parts get a conservative 35-40%.
-ACCELERATORS: dict[str, Accelerator] = {a.name: a for a in [
-    Accelerator("V100", 125e12, 32 * GiB, 0.35),  # fp16 tensor cores (no bf16)
-    Accelerator("T4", 65e12, 16 * GiB, 0.30),
-    Accelerator("A10G", 70e12, 24 * GiB, 0.40),  # AWS A10G: 70 TFLOPs dense bf16 (A10: 125)
-    Accelerator("L4", 121e12, 24 * GiB, 0.38),
-    Accelerator("RTX4090", 165e12, 24 * GiB, 0.40),  # fp16 w/ fp32 accumulate dense (GeForce spec)
-    Accelerator("A100-40GB", 312e12, 40 * GiB, 0.50),
-    Accelerator("A100-80GB", 312e12, 80 * GiB, 0.50),
-    Accelerator("H100", 989e12, 80 * GiB, 0.40),  # SXM
-    Accelerator("H100-PCIE", 756e12, 80 * GiB, 0.40),
-    Accelerator("H200", 989e12, 141 * GiB, 0.42),
-    Accelerator("MI300X", 1307e12, 192 * GiB, 0.35),
-    # The CPU "accelerator" exists so every path is testable here; numbers are a 2-core fp32 order of
-    # magnitude and are replaced by calibration.
-    Accelerator("CPU", 50e9, 0, 0.5),
-]}
-
-_ALIASES = {"A100": "A100-80GB", "A100-80G": "A100-80GB", "A100-40G": "A100-40GB", "H100-SXM": "H100",
-            "H100-80GB": "H100", "RTX-4090": "RTX4090", "4090": "RTX4090", "A10": "A10G"}
+def lookup_accelerator(name: str, table=None) -> Accelerator:
+    """A name a user typed -> Accelerator, matched exactly up to spelling; ValueError with did-you-mean."""
+    return (table or load_table()).lookup(name)
 
 
-def _norm(name: str) -> str:
-    return re.sub(r"[\s_]+", "-", name.strip().upper())
+def installed_packages() -> list[str]:
+    """Which of the pinned optional packages this machine has."""
+    import importlib.util
 
-
-def lookup_accelerator(name: str) -> Accelerator:
-    key = _norm(name)
-    key = _ALIASES.get(key, key)
-    if key in ACCELERATORS:
-        return ACCELERATORS[key]
-    # Device strings such as "NVIDIA H100 80GB HBM3" or "NVIDIA A100-SXM4-40GB".
-    for alias, target in [("H200", "H200"), ("H100 PCIE", "H100-PCIE"), ("H100", "H100"), ("MI300X", "MI300X"),
-                          ("A100", None), ("A10G", "A10G"), ("L4", "L4"), ("4090", "RTX4090"), ("T4", "T4"),
-                          ("V100", "V100")]:
-        if alias.replace(" ", "-") in key:
-            if target is None:  # A100: pick by memory in the name
-                target = "A100-40GB" if "40G" in key else "A100-80GB"
-            return ACCELERATORS[target]
-    raise ValueError(f"unknown accelerator {name!r}; known: {', '.join(ACCELERATORS)} "
-                     f"(or set resources.peak_tflops to describe another)")
+    return [p for p in PINNED_PACKAGES if importlib.util.find_spec(p) is not None]
 
 
 @dataclass
@@ -131,7 +102,8 @@ class ResourceSpec:
     """What one job may use. Memory in bytes; budget optional (then the recipe's steps/epochs rule).
 
     `on_cpu` is the one answer to "is this a CPU run?" (then gpus_per_node counts processes and gpu_memory is
-    the memory one process may use); everything downstream reads it from the plan's resources."""
+    the memory one process may use); `packages` the one answer to "does the target have deepspeed /
+    bitsandbytes / triton?". Everything downstream reads them from the plan's resources."""
 
     gpus_per_node: int
     nodes: int
@@ -142,14 +114,31 @@ class ResourceSpec:
     mfu: float
     budget: Optional[Budget] = None
     on_cpu: Optional[bool] = None  # None: decided here, from the GPU count and the accelerator
+    intra_node_bw: Optional[float] = None  # bytes/s per GPU inside a node; None: the hardware table's
+    inter_node_bw: Optional[float] = None  # bytes/s per node between nodes; None: the hardware table's
+    packages: Optional[list] = None  # optional packages the target has; None: the pinned image's
+    assumed: list = field(default_factory=list)  # what was assumed, not given or found; each says how to change it
 
     def __post_init__(self):
         if self.on_cpu is None:
             self.on_cpu = self.gpus_per_node == 0 or self.accelerator == "CPU"
+        if self.packages is None:
+            self.packages = list(PINNED_PACKAGES)
+        if self.intra_node_bw is None or self.inter_node_bw is None:
+            table = load_table()
+            known = table.accelerators.get(self.accelerator)
+            if self.intra_node_bw is None:
+                self.intra_node_bw = CPU.intra_node_bw if self.on_cpu else \
+                    known.intra_node_bw if known else Accelerator("", 0, 0, 0).intra_node_bw
+            if self.inter_node_bw is None:
+                self.inter_node_bw = table.inter_node_bw
 
     @property
     def world_size(self) -> int:
         return max(1, self.gpus_per_node) * self.nodes
+
+    def has(self, package: str) -> bool:
+        return package in self.packages
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,7 +152,7 @@ def _cpu_memory() -> int:
 
 
 def detect() -> dict:
-    """What this machine has: {'gpus', 'gpu_memory', 'accelerator', 'cpu_memory'}."""
+    """What this machine has: {'gpus', 'gpu_memory', 'accelerator', 'cpu_memory'} ('gpus' 0: no CUDA)."""
     import torch
 
     if torch.cuda.is_available():
@@ -173,44 +162,185 @@ def detect() -> dict:
     return {"gpus": 0, "gpu_memory": _cpu_memory(), "accelerator": "CPU", "cpu_memory": _cpu_memory()}
 
 
-def resolve_resources(cfg, world_size: int | None = None) -> ResourceSpec:
-    """Turn the recipe's `resources` section into a ResourceSpec, filling `auto` from this machine.
+def _gib(n: float) -> str:
+    return f"{n / GiB:.0f} GiB" if n >= 10 * GiB else f"{n / GiB:.1f} GiB"
+
+
+class _Machine:
+    """This machine, detected once and only when a decision needs it (explicit resources never probe)."""
+
+    def __init__(self, table):
+        self.table, self._hw = table, None
+
+    @property
+    def hw(self) -> dict:
+        self._hw = self._hw or detect()
+        return self._hw
+
+    @property
+    def cuda(self) -> bool:
+        return self.hw["gpus"] > 0
+
+    def accelerator(self, peak_tflops) -> Accelerator:
+        from unitrain.errors import UnitrainError
+
+        found = self.table.from_device(self.hw["accelerator"])
+        if found is not None:
+            return found
+        if peak_tflops is None:
+            raise UnitrainError(f"this machine's GPU {self.hw['accelerator']!r} is not in the hardware table; set "
+                                f"resources.accelerator to the closest of {', '.join(self.table.accelerators)}, or "
+                                f"describe it with resources.peak_tflops (dense bf16 TFLOP/s), e.g. "
+                                f"resources.peak_tflops=300")
+        return Accelerator(self.hw["accelerator"], peak_tflops * 1e12, 0, 0.4)
+
+
+def _named(cfg, table) -> Accelerator | None:
+    """The accelerator the recipe names (None: auto)."""
+    from unitrain.errors import UnitrainError
+
+    if cfg.accelerator == "auto":
+        return None
+    try:
+        return table.lookup(cfg.accelerator)
+    except ValueError as e:
+        if cfg.peak_tflops is None:
+            raise UnitrainError(f"resources.accelerator: {e}") from None
+        return Accelerator(cfg.accelerator, cfg.peak_tflops * 1e12, 0, 0.4)
+
+
+def _plan_target(cfg, named, machine, assumed: list) -> tuple[Accelerator, int, bool]:
+    """(accelerator, GPUs per node, is this machine) for planning: a GPU count means GPUs, whatever is here."""
+    gpus = cfg.gpus_per_node
+    if named is None and gpus == "auto":
+        if not machine.cuda:  # no GPU asked for and none here: plan for this CPU
+            return CPU, 0, True
+        return machine.accelerator(cfg.peak_tflops), machine.hw["gpus"], True
+    if named is None:  # N GPUs of an unnamed kind: this machine's, else the default
+        if machine.cuda:
+            acc = machine.accelerator(cfg.peak_tflops)
+        else:
+            acc = machine.table.lookup(DEFAULT_ACCELERATOR)
+            assumed.append(f"accelerator {acc.name}, the default (none named, and this machine has no GPU); plan for "
+                           f"another with --accelerator NAME (resources.accelerator; names in unitrain/hardware.json), "
+                           f"or compare them all with --advise")
+        return acc, int(gpus), machine.cuda
+    here = None
+    if gpus == "auto" or cfg.gpu_memory in (None, "auto") or cfg.cpu_memory in (None, "auto"):
+        local = machine.table.from_device(machine.hw["accelerator"]) if machine.cuda else None
+        here = local is not None and local.name == named.name
+    if gpus == "auto":
+        if here:
+            return named, machine.hw["gpus"], True
+        assumed.append(f"1 GPU per node: {named.name} was named without a GPU count; set --gpus N "
+                       f"(resources.gpus_per_node)")
+        return named, 1, False
+    return named, int(gpus), bool(here)
+
+
+def _run_target(cfg, named, machine, world: int) -> tuple[Accelerator, int, bool]:
+    """(accelerator, GPUs per node, True) for `unitrain run`: what this machine has; asking for more is an error.
+    `auto` GPUs are the processes the launcher started on this node (one without a launcher)."""
+    from unitrain.errors import UnitrainError
+
+    gpus = cfg.gpus_per_node
+    asked = " × ".join(x for x in (str(gpus) if gpus != "auto" else "", named.name if named else "GPU") if x)
+    if not machine.cuda:
+        if gpus == "auto" and named is None:
+            return CPU, 0, True
+        raise UnitrainError(
+            f"the recipe asks for {asked} (resources.gpus_per_node={gpus}, resources.accelerator={cfg.accelerator}) "
+            f"but this machine has no CUDA GPU (torch.cuda.is_available() is False). Run it on a machine with "
+            f"those GPUs, or train here on the CPU with resources.gpus_per_node=auto (or 0) and "
+            f"resources.accelerator=auto; `unitrain plan` plans for GPUs you do not have")
+    here = machine.accelerator(cfg.peak_tflops)
+    n = machine.hw["gpus"]
+    if named is not None and named.name != here.name:
+        raise UnitrainError(
+            f"the recipe asks for {named.name} GPUs (resources.accelerator={cfg.accelerator}) but this machine has "
+            f"{n} × {machine.hw['accelerator']} ({here.name}); run it where the recipe's GPUs are, or plan for these "
+            f"with resources.accelerator=auto")
+    if gpus != "auto" and int(gpus) > n:
+        raise UnitrainError(
+            f"the recipe asks for {gpus} GPUs per node (resources.gpus_per_node={gpus}) but this machine has {n} "
+            f"({machine.hw['accelerator']}); use resources.gpus_per_node={n} (or auto), or run on a node with {gpus}")
+    if cfg.gpu_memory not in (None, "auto"):
+        want, have = parse_memory(cfg.gpu_memory), machine.hw["gpu_memory"]
+        if want > have * (1 + MEMORY_TOLERANCE):
+            raise UnitrainError(
+                f"the recipe asks for {_gib(want)} per GPU (resources.gpu_memory={cfg.gpu_memory}) but this "
+                f"machine's {here.name} has {_gib(have)}; use resources.gpu_memory=auto to plan for what is here")
+    return here, max(1, world // cfg.nodes) if gpus == "auto" else int(gpus), True
+
+
+def resolve_resources(cfg, world_size: int | None = None, *, mode: str = "plan") -> ResourceSpec:
+    """Turn the recipe's `resources` section into a ResourceSpec.
+
+    mode "plan" plans for the target, from anywhere: `gpus_per_node: N > 0` means N GPUs of the named accelerator
+    (else of this machine's GPU, else of DEFAULT_ACCELERATOR, said in `assumed`); CPU only when asked for
+    (gpus_per_node=0 or accelerator=CPU) or when no GPU count is given on a machine without one. Memory left on
+    auto is this machine's when it is the target, else the hardware table's; packages are the pinned image's
+    unless resources.packages=local. mode "run" plans for this machine: what it has (a recipe asking for GPUs it
+    lacks is an error naming both) and the packages installed here.
 
     `world_size` is what the launcher provides (torchrun/deepspeed); a conflict with the recipe is an
     error naming both numbers.
     """
     from unitrain.errors import UnitrainError
 
-    hw = None
-
-    def hardware():
-        nonlocal hw
-        hw = hw or detect()
-        return hw
-
-    gpus = hardware()["gpus"] if cfg.gpus_per_node == "auto" else int(cfg.gpus_per_node)
-    if cfg.accelerator == "auto":
-        accel_name = hardware()["accelerator"]
-    else:
-        accel_name = cfg.accelerator
     try:
-        accel = lookup_accelerator(accel_name)
-    except ValueError:
-        if cfg.peak_tflops is None:
-            raise UnitrainError(f"resources.accelerator: unknown accelerator {accel_name!r}; set "
-                                f"resources.peak_tflops (dense bf16 TFLOP/s), e.g. resources.peak_tflops=300")
-        accel = Accelerator(accel_name, cfg.peak_tflops * 1e12, 0, 0.4)
-    gpu_mem = hardware()["gpu_memory"] if cfg.gpu_memory in (None, "auto") else parse_memory(cfg.gpu_memory)
-    if cfg.gpu_memory in (None, "auto") and gpus > 0 and cfg.gpus_per_node != "auto" and accel.memory:
-        gpu_mem = accel.memory if not hardware()["gpus"] else gpu_mem
-    cpu_mem = hardware()["cpu_memory"] if cfg.cpu_memory in (None, "auto") else parse_memory(cfg.cpu_memory)
+        table = load_table(getattr(cfg, "hardware", None))
+    except ValueError as e:
+        raise UnitrainError(f"resources.hardware: {e}") from None
+    machine = _Machine(table)
+    named = _named(cfg, table)
+    assumed: list[str] = []
+    if cfg.gpus_per_node == 0 or (named is not None and named.name == "CPU"):
+        accel, gpus, here = CPU, int(cfg.gpus_per_node) if cfg.gpus_per_node != "auto" else 0, True
+    elif mode == "run":
+        accel, gpus, here = _run_target(cfg, named, machine, world_size or 1)
+    else:
+        accel, gpus, here = _plan_target(cfg, named, machine, assumed)
+    on_cpu = accel.name == "CPU" or gpus == 0
+    if cfg.gpu_memory not in (None, "auto"):
+        gpu_mem = parse_memory(cfg.gpu_memory)
+    elif on_cpu:
+        gpu_mem = machine.hw["cpu_memory"]
+    elif here:
+        gpu_mem = machine.hw["gpu_memory"]
+    elif accel.memory:
+        gpu_mem = accel.memory
+    else:
+        raise UnitrainError(f"the memory of a {accel.name} is not in the hardware table: set resources.gpu_memory "
+                            f"(--gpu-memory), e.g. resources.gpu_memory=48GiB")
+    if cfg.cpu_memory not in (None, "auto"):
+        cpu_mem = parse_memory(cfg.cpu_memory)
+    elif on_cpu or here or not accel.host_memory:
+        cpu_mem = machine.hw["cpu_memory"]
+        if not (on_cpu or here):
+            assumed.append(f"CPU memory {_gib(cpu_mem)} per node, this machine's (the hardware table has none for "
+                           f"{accel.name}); set --cpu-memory (resources.cpu_memory)")
+    else:
+        cpu_mem = accel.host_memory * max(1, gpus)
+        assumed.append(f"CPU memory {_gib(cpu_mem)} per node: {_gib(accel.host_memory)} per {accel.name} "
+                       f"({accel.host_memory_source or 'the hardware table'}); set --cpu-memory (resources.cpu_memory)")
+    if mode == "run" or getattr(cfg, "packages", "pinned") == "local":
+        packages = installed_packages()
+    else:
+        packages = list(PINNED_PACKAGES)
+        assumed.append(f"software: the pinned image's {', '.join(PINNED_PACKAGES)} (docker/constraints.txt); plan "
+                       f"with this machine's packages with --local-packages (resources.packages=local)")
     peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else accel.peak_flops
     spec = ResourceSpec(gpus_per_node=gpus, nodes=cfg.nodes, gpu_memory=gpu_mem, cpu_memory=cpu_mem,
                         accelerator=accel.name, peak_flops=peak, mfu=accel.mfu,
-                        budget=parse_budget(cfg.budget) if cfg.budget else None)
+                        budget=parse_budget(cfg.budget) if cfg.budget else None, on_cpu=on_cpu,
+                        intra_node_bw=accel.intra_node_bw, inter_node_bw=table.inter_node_bw, packages=packages,
+                        assumed=assumed)
     if spec.on_cpu and world_size and world_size > 1 and cfg.gpu_memory in (None, "auto"):
         spec.gpu_memory = cpu_mem // max(1, world_size // cfg.nodes)  # processes on a node share its memory
-    if world_size is not None and world_size > 1 and world_size != spec.world_size:
+    if mode == "run":
+        world_size = world_size or 1  # a run is the processes started: one without a launcher
+    if world_size is not None and (world_size > 1 or mode == "run") and world_size != spec.world_size:
         if cfg.gpus_per_node == "auto" and cfg.nodes == 1:
             spec.gpus_per_node, spec.nodes = world_size, 1  # one launcher node: trust the launcher
         elif spec.on_cpu and cfg.gpus_per_node == "auto":

@@ -37,8 +37,8 @@ def _infeasible(recipe, spec, shape, cands: list[Candidate], seq_len: int, refus
     msg = [f"nothing fits in {spec.gpu_memory / GiB:.1f} GiB per {unit} (usable {usable / GiB:.1f} GiB) × "
            f"{spec.world_size}.",
            f"Smallest footprint found: {need / GiB:.1f} GiB peak per {unit} with {small.describe()}; it would fit "
-           + (f"in {math.ceil(total / GiB)} GiB of CPU memory (planning for GPUs instead: set resources.gpus_per_node, "
-              f"resources.accelerator and resources.gpu_memory)" if spec.on_cpu else
+           + (f"in {math.ceil(total / GiB)} GiB of CPU memory (to plan for GPUs instead: --gpus N and --accelerator NAME, "
+              f"i.e. resources.gpus_per_node and resources.accelerator)" if spec.on_cpu else
               f"with resources.gpu_memory >= {math.ceil(total / GiB)}GiB")]
     more = None if spec.on_cpu else _more_gpus(recipe, spec, shape, seq_len)
     msg[-1] += (f", or on {more} GPUs of this size." if more else ".")
@@ -57,7 +57,10 @@ def _infeasible(recipe, spec, shape, cands: list[Candidate], seq_len: int, refus
     if tips:
         msg.append("Also worth trying: " + ", ".join(tips) + ".")
     msg += refusals
-    return PlanError(" ".join(msg))
+    summary = (f"needs {need / GiB:.1f} GiB per {unit}, {usable / GiB:.1f} usable" if not host_bound or spec.on_cpu
+               else f"needs {min(c.memory.cpu_needed for c in host_bound) / GiB:.0f} GiB of CPU memory per node to "
+                    f"offload")
+    return PlanError(" ".join(msg), fix=" ".join(msg[1:]), summary=summary)
 
 
 def _more_gpus(recipe, spec, shape, seq_len: int) -> int | None:

@@ -21,13 +21,10 @@ from dataclasses import dataclass
 from unitrain.plan.schema import Execution
 from unitrain.plan.shape import ModelShape
 
-# Effective per-GPU bandwidths (bytes/s) for collectives, PCIe offload and CPU Adam. Priors, not measurements:
-# NVLink4 (H100/H200) ~450 GB/s bus bandwidth, NVLink3 (A100) ~240 GB/s, PCIe 4/5 x16 ~25 GB/s effective,
-# InfiniBand/RoCE 200-400 Gb/s per GPU ~25 GB/s; gloo on CPU ~1 GB/s.
-INTRA_NODE_BW = {"H100": 450e9, "H200": 450e9, "A100-80GB": 240e9, "A100-40GB": 240e9, "MI300X": 300e9}
+# Collective bandwidths are the target's: spec.intra_node_bw (per GPU inside a node: NVLink or PCIe) and
+# spec.inter_node_bw (between nodes), from the hardware table (unitrain/hardware.json) via resources.py; on CPU
+# gloo gets ~1 GB/s. Offload and CPU Adam: priors, not measurements (PCIe 4/5 x16 ~25 GB/s effective).
 PCIE_BW = 25e9
-INTER_NODE_BW = 25e9
-CPU_BW = 1e9
 CPU_ADAM_PARAMS_PER_S = 1e9  # DeepSpeed's CPUAdam (AVX) on a multi-core host, per node
 QLORA_SLOWDOWN = 0.7  # NF4 dequantisation per matmul: QLoRA runs at ~70 % of LoRA's speed
 OVERLAP = {0: 0.7, 1: 0.7, 2: 0.7, 3: 0.5}  # fraction of gradient/parameter traffic hidden behind compute
@@ -76,12 +73,7 @@ def step_time(shape: ModelShape, st: Execution, seq_len: int, global_batch: int,
     mfu = spec.mfu * size_efficiency(st.micro_batch_size * seq_len) * (QLORA_SLOWDOWN if st.method == "qlora" else 1)
     compute = flops_token * global_batch * seq_len / (N * spec.peak_flops * mfu)
     w = 4 if st.dtype == "float32" else 2
-    if spec.on_cpu:
-        bw = CPU_BW
-    elif spec.nodes > 1:
-        bw = INTER_NODE_BW
-    else:
-        bw = INTRA_NODE_BW.get(spec.accelerator, PCIE_BW)
+    bw = spec.inter_node_bw if spec.nodes > 1 and not spec.on_cpu else spec.intra_node_bw
     frac = (N - 1) / N
     comm = 0.0
     if N > 1:

@@ -104,6 +104,7 @@ def plan_summary_lines(plan: Plan) -> list[str]:
              f"model: {m.name or '?'} ({_num(m.params)} params, {_num(m.trainable_params)} "
              f"trainable; shape from {m.source or '?'})",
              f"resources: {_device(plan)}",
+             *[f"assumed: {a}" for a in plan.resources.assumed],
              f"batch: {s.micro_batch_size} micro × {s.grad_accum} accumulation × {plan.world_size} ranks = "
              f"{plan.global_batch_size} sequences × {plan.seq_len} slots",
              f"memory per {_unit(plan)}: peak {_gib(mem.peak)} GiB of {_gib(mem.usable)} GiB usable "
@@ -142,6 +143,8 @@ def print_plan(plan: Plan, console=None) -> None:
     console.print(f"model {m.name or '?'}: {_num(m.params)} params, {_num(m.trainable_params)} trainable (shape "
                   f"from {m.source or '?'})", highlight=False)
     console.print(f"resources {_device(plan)}", highlight=False)
+    for a in plan.resources.assumed:  # what the plan assumed rather than found, and how to change it
+        console.print(f"assumed: {a}", highlight=False, markup=False)
     console.print(f"batch {s.micro_batch_size} micro × {s.grad_accum} accum × {plan.world_size} ranks = "
                   f"{plan.global_batch_size} seq × {plan.seq_len} slots", highlight=False)
     fits = mem.peak <= mem.usable

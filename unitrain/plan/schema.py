@@ -6,7 +6,8 @@ exactly, and a relaunch executes the stored plan.
 
 | part        | holds                                                        | read by                         |
 | ----------- | ------------------------------------------------------------ | ------------------------------- |
-| resources   | the resolved ResourceSpec (`on_cpu`, accelerator, world)     | everyone asking "CPU or GPU?"   |
+| resources   | the resolved ResourceSpec (`on_cpu`, accelerator, world,     | everyone asking "CPU or GPU?"   |
+|             | the packages the target has, what was assumed)               | or "is deepspeed there?"        |
 | execution   | method, precision, optimizer, checkpointing, kernels, batch  | model build, backends           |
 |             | shape, and the exact DeepSpeed engine config                 |                                 |
 | length      | steps, warmup, cooldown, schedule, slots/tokens per step     | trainer, schedule               |

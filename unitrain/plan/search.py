@@ -14,7 +14,6 @@ Choice among feasible candidates (tie-breaks in this order):
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, replace
 
 from unitrain.errors import MissingPackageError, PlanError
@@ -28,10 +27,6 @@ CPU_SAFETY = 0.10  # usable = memory − 10 % on the host (OS, page cache, data 
 KERNELS = ["rmsnorm", "rope", "swiglu", "fused_ce", "lora"]  # lora: LoRA plans only (QLoRA's base is 4-bit)
 OPTIMIZERS = ["adamw", "adamw8bit", "paged_adamw8bit"]
 CKPT_ORDER = {"off": 0, 4: 1, 2: 2, "full": 3}
-
-
-def has_package(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
 
 
 def usable_memory(memory: int, on_cpu: bool) -> int:
@@ -86,9 +81,11 @@ def kernels_for(recipe, spec, shape: ModelShape) -> list[str]:
     k = recipe.training.kernels
     if k == "off" or not shape.llama_like:
         return []
+    if k == "on" and not spec.has("triton"):
+        raise MissingPackageError("triton", "training.kernels=on (the fused Triton kernels)", "triton")
     if spec.on_cpu:
         return list(KERNELS) if k == "on" else []
-    return list(KERNELS) if k == "on" or has_package("triton") else []
+    return list(KERNELS) if k == "on" or spec.has("triton") else []
 
 
 def enumerate_strategies(recipe, spec, shape: ModelShape, refusals: list[str]) -> list[Execution]:
@@ -98,9 +95,12 @@ def enumerate_strategies(recipe, spec, shape: ModelShape, refusals: list[str]) -
     G = t.global_batch_size
     if G % N:
         raise PlanError(f"training.global_batch_size={G} is not divisible by the {N} data-parallel ranks; use a "
-                        f"multiple of {N}, e.g. training.global_batch_size={max(N, G - G % N)}")
+                        f"multiple of {N}, e.g. training.global_batch_size={max(N, G - G % N)}",
+                        summary=f"batch {G} not divisible by {N} ranks")
     per_rank = G // N
-    have_ds, have_bnb = has_package("deepspeed"), has_package("bitsandbytes")
+    # The target's packages (spec.packages: the pinned image's unless planning for this machine), not the
+    # planning machine's: the planner stays pure.
+    have_ds, have_bnb = spec.has("deepspeed"), spec.has("bitsandbytes")
     # ZeRO stages.
     if _auto(sc.zero_stage):
         wants_offload = sc.offload_optimizer is True or sc.offload_params is True

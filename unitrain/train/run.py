@@ -5,7 +5,10 @@ Nothing is written into the run directory until the recipe, the resources, the d
 resolved: a launch that is refused leaves the run directory as it was. A relaunch of a run that has checkpoints
 executes the run's stored plan.json (it re-plans only with `replan=True`, and then the trainer refuses to
 continue if the plan changed); recipe keys that do not change the math may change between launches, any other
-change is refused with the list of what changed (resume.py).
+change is refused with the list of what changed (resume.py). `plan_file` (`unitrain run RECIPE --plan plan.json`)
+executes a plan made elsewhere (`unitrain plan ... --scan-data --out plan.json`) exactly, after checking that it is
+this recipe's and that the machine found here is the one planned (preflight.py). A fresh plan is made for this
+machine: the processes the launcher started and the packages installed here.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from unitrain.data import pipeline
 from unitrain.errors import UnitrainError
 from unitrain.recipe import recipe_to_yaml
 from unitrain.train import checkpoint as ckpt
-from unitrain.train import resume
+from unitrain.train import preflight, resume
 
 log = logging.getLogger("unitrain")
 
@@ -92,9 +95,10 @@ def prepare_data(recipe, tokenizer, ctx):
     return tok, cleaning, pipeline.data_stats(tok, recipe, tokenizer.pad_token_id, cleaning)
 
 
-def run_recipe(recipe, console=None, *, replan: bool = False, extend: bool = False):
-    """Plan (or load the stored plan), build and train one recipe; -> RunResult. Raises UnitrainError for anything
-    the user can fix."""
+def run_recipe(recipe, console=None, *, replan: bool = False, plan_file: str | None = None,
+               extend: bool = False):
+    """Plan (or load the stored plan, or the plan file), build and train one recipe; -> RunResult. Raises
+    UnitrainError for anything the user can fix."""
     from unitrain import model as M
     from unitrain.plan import make_plan
     from unitrain.resources import resolve_resources
@@ -111,8 +115,11 @@ def run_recipe(recipe, console=None, *, replan: bool = False, extend: bool = Fal
             run_dir.mkdir(parents=True, exist_ok=True)
             lock = RunLock(run_dir, lambda m: _say(console, m)).acquire()
         dist.barrier()
-        spec = resolve_resources(recipe.resources, world_size=ctx.world if ctx.world > 1 else None)
-        preflight.check_launch(recipe, spec, ctx.world)
+        resuming = _resuming(run_dir, recipe)
+        executing = (resuming or plan_file is not None) and not replan and not extend  # checked below
+        spec = None if executing else resolve_resources(recipe.resources, world_size=ctx.world, mode="run")
+        if spec is not None:
+            preflight.check_launch(recipe, spec, ctx.world)
         tokenizer = M.load_tokenizer(recipe.model, recipe.base_dir)
         model_config = M.load_config(recipe.model, recipe.base_dir)
         if recipe.model.max_layers:
@@ -120,7 +127,7 @@ def run_recipe(recipe, console=None, *, replan: bool = False, extend: bool = Fal
         preflight.check_model(recipe, model_config, tokenizer)  # before the data and the weights
         tok, cleaning, stats = prepare_data(recipe, tokenizer, ctx)
         preflight.check_token_ids(tok, model_config)
-        extend_from = None
+        extend_from, source = None, ""
         if extend:  # a longer plan, continued from the state just before the old one's LR cooldown
             old = resume.stored_plan(run_dir, recipe, extend=True)
             pre = ckpt.pre_cooldown(run_dir / "checkpoints")
@@ -128,10 +135,9 @@ def run_recipe(recipe, console=None, *, replan: bool = False, extend: bool = Fal
                                           pre, run_dir)
             extend_from, stored = pre[1], None
         else:
-            stored = resume.stored_plan(run_dir, recipe) if not replan and _resuming(run_dir, recipe) else None
+            stored, source = _plan_to_execute(run_dir, recipe, model_config, stats, ctx, resuming, replan, plan_file)
             plan = stored or make_plan(recipe, spec, model_config, stats, world_size=ctx.world)
-        if stored is not None:
-            resume.check_data(plan, stats)
+        preflight.check_packages(plan)  # the packages on this machine, not the planning one's
         keep, subset = choose_subset(tok, cleaning, recipe, plan)
         data = pipeline.finalize(tok, recipe, tokenizer.pad_token_id, keep, subset)
         if len(data.train) < 1:
@@ -144,7 +150,7 @@ def run_recipe(recipe, console=None, *, replan: bool = False, extend: bool = Fal
             plan.save(run_dir / "plan.json")
             (run_dir / "selection.json").write_text(json.dumps(subset, indent=1, default=float))
             if stored is not None:
-                _say(console, f"resuming: executing the stored plan {run_dir / 'plan.json'}")
+                _say(console, f"{'resuming' if resuming else 'executing'}: the plan from {source}")
             _print_plan(plan, console)
         dist.barrier()
         model = M.load_model(recipe.model, plan.execution, recipe.training.seed, recipe.base_dir)
@@ -177,6 +183,32 @@ def _resuming(run_dir: Path, recipe) -> bool:
     if recipe.output.resume == "never":
         return False
     return recipe.output.resume != "auto" or bool(ckpt.list_complete(run_dir / "checkpoints"))
+
+
+def _plan_to_execute(run_dir, recipe, model_config, stats, ctx, resuming: bool, replan: bool, plan_file):
+    """(the plan a relaunch or `--plan FILE` executes, where it came from), or (None, "") to plan here. Either is
+    checked against this recipe, its data and the machine found here before anything runs."""
+    from unitrain.plan.shape import model_shape
+
+    if replan:
+        return None, ""
+    if resuming:
+        plan, source = resume.stored_plan(run_dir, recipe), f"{run_dir / 'plan.json'} (stored)"
+        resume.check_data(plan, stats)
+        if plan_file is not None:
+            from unitrain.plan.schema import Plan
+
+            if Plan.load(plan_file).execution != plan.execution:
+                raise UnitrainError(f"{run_dir} was started from another plan than {plan_file}; a relaunch executes "
+                                    f"its stored plan.json: drop --plan, or start a new run with name=<new name>")
+    elif plan_file is not None:
+        shape = model_shape(recipe.model, model_config, recipe.base_dir)
+        plan, source = preflight.load_plan_file(plan_file, recipe, shape, stats), f"plan file {plan_file}"
+    else:
+        return None, ""
+    found = preflight.machine_resources(ctx.world, plan.resources.nodes, cpu=plan.resources.on_cpu)
+    preflight.check_machine(plan, found, source)
+    return plan, source
 
 
 def _train_and_score(trainer, recipe, data, tok, run_dir, ctx, selection_cost):
