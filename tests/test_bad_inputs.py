@@ -15,7 +15,7 @@ from unitrain import preflight
 from unitrain.cli import main
 from unitrain.data.formats import detect_format
 from unitrain.data.load import load_examples, load_rows
-from unitrain.errors import DataError, ModelError, RecipeError
+from unitrain.errors import UnitrainError, DataError, ModelError, RecipeError
 from unitrain.recipe import ModelConfig, apply_overrides, load_recipe, parse_overrides, validate
 
 from conftest import WORD_LLAMA, word_recipe_dict
@@ -158,7 +158,7 @@ def test_several_gpus_asked_of_a_single_process(recipe):
     ({"method.name": "lora", "method.lora.target_modules": ["q_prj"]}, "'q_prj' matches no module"),
     ({"model.config.vocab_size": 32}, "model.config.vocab_size=32 is smaller than the tokenizer's"),
     ({"data.max_length": 256}, "data.max_length=256 is above the model's max_position_embeddings=128"),
-    ({"resources.gpus_per_node": 2}, "resources.gpus_per_node=2: asks for 2 processes"),
+    ({"resources.gpus_per_node": 2}, r"the recipe asks for 2 × GPU \(resources.gpus_per_node=2"),  # none here
 ])
 def test_run_refuses_before_loading_weights_or_writing_the_run_directory(recipe, monkeypatch, bad, message):
     from unitrain import model as M
@@ -170,22 +170,30 @@ def test_run_refuses_before_loading_weights_or_writing_the_run_directory(recipe,
     monkeypatch.setattr(M, "load_model", no)
     monkeypatch.setattr("unitrain.data.pipeline.tokenize_data", no)
     r = recipe(**bad)
-    with pytest.raises(RecipeError, match=message):
+    with pytest.raises(UnitrainError, match=message):
         run_recipe(r)
     assert not r.run_dir.exists()  # no recipe.yaml, no plan.json, the lock released: the refused launch left no trace
 
 
-def test_plan_refuses_the_budget_run_refuses(recipe, tmp_path, capsys):
-    """A budget pays for the evals too; with the data local, plan scans it and counts them as run does."""
-    r = recipe(**{"training.max_steps": None, "resources.budget": 2.5e8})
+def test_plan_and_run_agree_on_a_budget(recipe, tmp_path, capsys):
+    """A budget pays for the evals too; with the data local, plan scans it and counts them as run does: a budget
+    too small for one step is refused by both, and a sufficient one gives both the same length."""
+    from unitrain.plan import make_plan
+    from unitrain.train.run import run_recipe
+
+    step = make_plan(recipe(**{"training.max_steps": None})).compute.flops_per_step
+    small = recipe(**{"training.max_steps": None, "resources.budget": 0.5 * step})
     p = tmp_path / "r.yaml"
-    p.write_text(OmegaConf.to_yaml(OmegaConf.create(r.to_dict())))
+    p.write_text(OmegaConf.to_yaml(OmegaConf.create(small.to_dict())))
     assert main(["plan", str(p)]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "note: scanned the data to count the evals" in err and "too small for a single optimizer step" in err
-    assert "plus two evals" in err
-    assert main(["plan", str(p), "resources.budget=1e10", "--json"]) == 0  # stdout stays JSON
-    assert json.loads(capsys.readouterr().out)["length"]["steps"] > 0
+    with pytest.raises(UnitrainError, match="too small for a single optimizer step"):
+        run_recipe(small)
+    assert main(["plan", str(p), f"resources.budget={12.5 * step:.6e}", "--json"]) == 0  # stdout stays JSON
+    planned = json.loads(capsys.readouterr().out)["length"]["steps"]
+    res = run_recipe(recipe(**{"training.max_steps": None, "resources.budget": 12.5 * step}))
+    assert planned > 0 and json.loads((res.run_dir / "plan.json").read_text())["length"]["steps"] == planned
 
 
 # ---------------------------------------------------------------- the data

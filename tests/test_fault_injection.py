@@ -72,13 +72,15 @@ def _losses(run_dir: Path) -> dict:
 
 
 def _state(run_dir: Path) -> tuple[dict[int, str], list[str]]:
-    """{step: verification status} of the `step-N` folders, and every other name in checkpoints/."""
+    """{step: verification status} of the `step-N` folders, and every other name in checkpoints/ (but the kept
+    pre-cooldown checkpoint, which --extend continues from)."""
     ck = run_dir / "checkpoints"
     steps = {s: ckpt.verify(p)[0] for s, p in ckpt.list_complete(ck)}
     named = {p.name for _, p in ckpt.list_complete(ck)}
     assert not [p.name for p in ck.glob("step-*") if p.name not in named and "." not in p.name], \
         "a step-N folder without its marker"
-    return steps, sorted(p.name for p in ck.iterdir() if p.name not in named) if ck.is_dir() else []
+    return steps, sorted(p.name for p in ck.iterdir() if p.name not in named
+                         and not ckpt.PRE_COOLDOWN.match(p.name)) if ck.is_dir() else []
 
 
 @pytest.fixture(scope="module")

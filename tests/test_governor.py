@@ -18,7 +18,7 @@ from unitrain.plan.schema import (BudgetPlan, Compute, DataPlan, EvalPlan, Execu
                                   ModelSummary, Plan)
 from unitrain.recipe import StoppingConfig
 from unitrain.train.curve_fit import fit_power_law
-from unitrain.train.governor import CONFIRM_EVALS, MIN_RULE_POINTS, MIN_SPAN, Decision, Governor
+from unitrain.train.governor import CONFIRM_EVALS, CONFIRM_SPAN, MIN_RULE_POINTS, MIN_SPAN, Decision, Governor
 
 F = 1e12  # FLOPs per optimizer step in the synthetic plans
 TOKENS = 1024
@@ -77,17 +77,17 @@ FLATTENING = [(1.0, 2.0, 1.0, 10.0), (2.0, 1.0, 0.8, 10.0), (0.8, 1.0, 1.5, 30.0
 
 @pytest.mark.parametrize("params", FLATTENING)
 def test_stops_near_the_analytic_step(params):
-    """Tolerance: the stop lands at an eval within [0.85·t*, 1.2·t* + 2 eval intervals]. Measured over
-    10 seeds per curve: 1.00-1.22·t*; true penalty after the cooldown 0.66-1.00 % (ε = 1 %). Lateness
-    comes from the confirmation rule (two evals below the threshold in a row) and the eval grid; the
-    spread from fitting a noisy decade."""
+    """Tolerance: the stop lands at an eval within [0.85·t*, 1.45·t* + 2 eval intervals]. Lateness comes from
+    the evidence a stop needs — the fit's 80 % upper bound of the remaining gain below ε, held over 2 evals and
+    a 1.25× stretch of steps (CONFIRM_SPAN) — and the eval grid (measured: 1.30-1.36·t*); the spread from
+    fitting a noisy decade. A late stop gives up less than ε of the loss, never more."""
     T, every, sigma, eps = 2000, 40, 0.002, StoppingConfig().min_budget_gain
     ts = t_star(*params, T, eps)
     assert (MIN_RULE_POINTS + 2) * every < ts < 0.8 * T - every  # the case is decidable inside the budget
     for seed in range(3):
         _, d, gov = simulate(curve(*params), T, every, sigma, seed)
         assert d is not None and d.reason == "marginal_gain", (seed, d)
-        assert 0.85 * ts <= d.step <= 1.2 * ts + 2 * every, (seed, d.step, ts)
+        assert 0.85 * ts <= d.step <= 1.45 * ts + 2 * every, (seed, d.step, ts)
         assert d.cooldown_steps == math.ceil(0.2 * d.step)  # the plan's cooldown fraction of the run
         # What the stop costs on the true curve, both runs cooled down: at most about ε of the loss.
         assert curve(*params)(d.step + d.cooldown_steps) / curve(*params)(T) - 1 < 1.25 * eps
@@ -167,7 +167,9 @@ def test_needs_eight_fitted_evals_spanning_four_times_after_warmup():
     assert d.step >= max(MIN_SPAN * warmup, warmup + (MIN_RULE_POINTS - 1) * every)
     assert gov.decisions[0]["reason"] == "min_evals"
     assert any(r["reason"] == "min_span" for r in gov.decisions)
-    assert d.step <= MIN_SPAN * warmup + 3 * every  # and stops soon after: the curve is flat
+    # and stops soon after: the curve is flat, so the rule holds from the first allowed eval and the stop follows
+    # once it has held over CONFIRM_SPAN× the steps
+    assert d.step <= CONFIRM_SPAN * (MIN_SPAN * warmup + every) + every
 
 
 def test_no_stop_before_min_evals_even_on_a_flat_curve():

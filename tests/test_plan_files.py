@@ -14,7 +14,7 @@ from unitrain import resources as R
 from unitrain.errors import MissingPackageError, UnitrainError
 from unitrain.plan.schema import Plan
 from unitrain.recipe import ResourcesConfig, recipe_to_yaml
-from unitrain.train import preflight
+from unitrain.train import plan_check
 from unitrain.train.run import run_recipe
 
 GiB = 1024**3
@@ -158,12 +158,12 @@ def test_a_plan_for_another_machine_is_refused_naming_each_mismatch(tiny_recipe,
     assert "device: planned for H100 GPUs, found no CUDA GPU (CPU)" in msg and "world size: planned 2" in msg
     assert "--replan" in msg and not r.run_dir.exists()  # nothing written before everything is resolved
     machine(ONE_L4)  # a GPU machine, but not the planned one
-    found = preflight.machine_resources(1)
-    bad = preflight.machine_mismatches(Plan.load(out), found)
+    found = plan_check.machine_resources(1)
+    bad = plan_check.machine_mismatches(Plan.load(out), found)
     assert bad == ["accelerator: planned H100, found L4", "world size: planned 2 (1 node(s) × 2), found 1 "
                    "(1 node(s) × 1)", "memory per GPU: planned 80.0 GiB, found 22.5 GiB"]
     ok = replace(found, gpus_per_node=2, accelerator="H100", gpu_memory=int(79.6 * GiB))  # within 3 % of 80
-    assert preflight.machine_mismatches(Plan.load(out), ok) == []
+    assert plan_check.machine_mismatches(Plan.load(out), ok) == []
 
 
 def test_a_plan_file_for_another_recipe_or_without_data_is_refused(tiny_recipe, tmp_path, machine):
@@ -189,11 +189,11 @@ def test_run_refuses_a_plan_needing_a_missing_package(tiny_recipe, tmp_path, mac
     out = tmp_path / "ds.json"
     assert _cli("plan", _recipe_file(tmp_path, r), "--scan-data", "--out", out)[0] == 0
     assert Plan.load(out).execution.zero_stage == 1
-    monkeypatch.setattr(preflight, "installed_packages", lambda: ["bitsandbytes", "triton"])  # no deepspeed here
+    monkeypatch.setattr(plan_check, "installed_packages", lambda: ["bitsandbytes", "triton"])  # no deepspeed here
     with pytest.raises(MissingPackageError, match=r"DeepSpeed ZeRO-1.*'deepspeed'.*pip install 'unitrain\[deepspeed\]'"):
         run_recipe(r, plan_file=str(out))
     assert not r.run_dir.exists()
-    need = preflight.needed_packages(replace(Plan.load(out), execution=replace(
+    need = plan_check.needed_packages(replace(Plan.load(out), execution=replace(
         Plan.load(out).execution, method="qlora", optimizer="adamw8bit", kernels=["rmsnorm"])))
     assert set(need) == {"deepspeed", "bitsandbytes", "triton"}
 

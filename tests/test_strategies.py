@@ -121,7 +121,8 @@ def test_zero_reproduces_the_torch_trajectory_and_exports(recipe, method, strate
     # both sides, so the stored gradient factor is not inflated (one process allocates no buckets: at most 1)
     cal = json.loads((res.run_dir / "calibration.json").read_text())
     assert cal["predicted"]["gradients"] == p["gradients"]
-    assert 0.25 <= cal["factors"]["gradients"] <= 1.01
+    # (a factor outside [0.25, 4] is not stored: LoRA's tiny gradient partitions next to ZeRO's h² buckets)
+    assert cal["factors"].get("gradients", 1.0) <= 1.01
 
 
 @pytest.mark.parametrize("optimizer, zero", [("adamw8bit", 0), ("adamw8bit", 2),

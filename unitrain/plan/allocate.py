@@ -203,8 +203,12 @@ def _size_evals(recipe, stats: DataStats | None, budget, costs: Costs, micro: in
         steps0 = max(1, int(budget.value / costs.step))
         count = eval_count(steps0, t.eval_every)
         m = _largest(stats, n_all, micro, world, fps, allowance / count)
-        return _EvalShape(m, count, True, m > 0, f"evals every {t.eval_every} steps (training.eval_every) of {m} "
-                                                  f"sequences each, to fit {share}")
+        enough = m > 0 and (m == n_all or sum(stats.eval_lengths[:m]) >= MIN_EVAL_TOKENS)
+        why = f"evals every {t.eval_every} steps (training.eval_every) of {m} sequences each, to fit {share}"
+        if m and not enough:
+            why += (f"; fewer than {MIN_EVAL_TOKENS} tokens each — too noisy for a learning curve: the stop rule is "
+                    f"off (they still report the eval loss)")
+        return _EvalShape(m, count, True, enough, why)
     for n_mid in (AUTO_EVALS, RULE_EVALS):
         count = n_mid + 2
         m = _largest(stats, n_all, micro, world, fps, allowance / count)
@@ -341,14 +345,14 @@ def spend(recipe, spec, micro: int, flops_per_slot: float, step_time_s: float, f
         steps, rule = 0, "unset"
         notes.append("length: set once the data is scanned (training.epochs × sequences / global batch); no "
                      "budget and no training.max_steps given")
-    every = t.eval_every if t.eval_every != "auto" else \
-        (max(1, math.ceil(steps / (ev.count - 1))) if ev.stop_rule and ev.count > 2 else 0)
+    if t.eval_every != "auto":
+        every = t.eval_every  # the user's cadence, also when the evals are too small for the stop rule
+    else:  # auto: the planned number of evals over the run, or only the final one
+        every = max(1, math.ceil(steps / (ev.count - 1))) if ev.stop_rule and ev.count > 2 else 0
     count = eval_count(steps, every, ev.initial) if ev.sequences else 0
-    if ev.sequences and not ev.stop_rule:
-        count = 1  # the final eval only
     evals = EvalPlan(sequences=ev.sequences, tokens=int(sum(stats.eval_lengths[:ev.sequences])) if stats else 0,
                      slots=forwarded_slots(stats.eval_lengths, micro, ev.sequences, world) if ev.sequences else 0,
-                     batch_size=micro, every=every if ev.stop_rule else 0, count=count, flops=one_eval,
+                     batch_size=micro, every=every, count=count, flops=one_eval,
                      initial=ev.initial and bool(ev.sequences), stop_rule=ev.stop_rule, reason=ev.why)
     warm = math.ceil(t.warmup_ratio * steps)
     cool = math.ceil(t.cooldown_ratio * steps) if t.schedule == "wsd" else 0

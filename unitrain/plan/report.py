@@ -64,8 +64,9 @@ def _length_lines(plan: Plan) -> list[str]:
                                                   if b.unspent_reason else ""))
     ev = plan.evals
     if ev.sequences:
-        when = (f"every {ev.every} steps" if ev.every else "at the start and the end") if ev.stop_rule else \
-            "the final one only: the stop rule is off"
+        when = f"every {ev.every} steps" if ev.every else ("at the start and the end" if ev.initial else
+                                                            "the final one only")
+        when += "" if ev.stop_rule else ": the stop rule is off"
         lines.append(f"evals: {ev.count} × {ev.sequences} sequences ({_num(ev.tokens)} tokens, {_num(ev.slots)} "
                      f"slots, {ev.flops:.3g} FLOPs each), {when}")
     elif ev.reason:

@@ -85,10 +85,8 @@ def noise_sigma(y: np.ndarray) -> float:
     return max(mad, rms) / math.sqrt(6)
 
 
-def fit_power_law(steps, losses, floor: bool = True) -> CurveFit | None:
-    """Fit L(t) = a + b·t^(−c) to eval losses at steps t ≥ 1. None with fewer than MIN_FIT_POINTS.
-    `floor=False` fits the floorless law L = b·t^(−c) (a = 0): the alternative that keeps falling, which the
-    governor weighs against the fitted floor before it believes a flattening."""
+def fit_power_law(steps, losses) -> CurveFit | None:
+    """Fit L(t) = a + b·t^(−c) to eval losses at steps t ≥ 1. None with fewer than MIN_FIT_POINTS."""
     t = np.asarray(steps, dtype=float)
     y = np.asarray(losses, dtype=float)
     keep = (t >= 1) & np.isfinite(y)
@@ -103,8 +101,8 @@ def fit_power_law(steps, losses, floor: bool = True) -> CurveFit | None:
     # Work in u = t / t_last so u ∈ (0, 1] and b is the loss above a at the last eval: well scaled.
     ts = float(t.max())
     u = t / ts
-    a_hi = float(ys.min()) + 3 * sigma if floor else 1e-12
-    lo, hi = [0.0, 0.0, C_MIN], [max(a_hi, 1e-12), np.inf, C_MAX]
+    a_hi = float(ys.min()) + 3 * sigma
+    lo, hi = [0.0, 0.0, C_MIN], [max(a_hi, 1e-9), np.inf, C_MAX]
 
     log_u = np.log(u)
 
@@ -118,7 +116,7 @@ def fit_power_law(steps, losses, floor: bool = True) -> CurveFit | None:
     best = None
     # Two starts, a slow law with a low floor and a fast one with a high floor: on 60 random noisy
     # synthetic curves, nine starts all reached the same optimum; two guard against the odd valley.
-    for c0, frac in ((0.4, 0.3), (1.5, 0.9)) if floor else ((0.1, 0.0), (0.5, 0.0)):
+    for c0, frac in ((0.4, 0.3), (1.5, 0.9)):
         a0 = min(frac * float(ys.min()), hi[0] * (1 - 1e-9))
         b0 = max(float(ys[-1]) - a0, 1e-6 * max(span, 1e-6))
         r = least_squares(resid, [a0, b0, c0], jac=jac, bounds=(lo, hi), loss="soft_l1", f_scale=f_scale,
@@ -140,11 +138,7 @@ def fit_power_law(steps, losses, floor: bool = True) -> CurveFit | None:
     tc = t ** (-c)
     J = np.stack([np.ones_like(t), tc, -b * tc * np.log(t)], axis=1)
     s2 = max(ss_res / max(1, len(y) - 3), res_sigma ** 2)
-    if floor:
-        cov = (s2 * np.linalg.pinv(J.T @ J)).tolist()
-    else:  # a is fixed at 0, not estimated: its row and column are zero
-        c2 = s2 * np.linalg.pinv(J[:, 1:].T @ J[:, 1:])
-        cov = [[0.0, 0.0, 0.0], [0.0, *c2[0].tolist()], [0.0, *c2[1].tolist()]]
+    cov = (s2 * np.linalg.pinv(J.T @ J)).tolist()
     return CurveFit(a=a, b=b, c=c, r2=r2, rmse=math.sqrt(ss_res / len(y)), noise=res_sigma,
                     tail_residual=float(res[-TAIL:].mean()), n=len(y), t_first=float(t[0]),
                     t_last=float(t[-1]), cov=cov)

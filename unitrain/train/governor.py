@@ -10,8 +10,12 @@ estimated as max(last step, moving average) and the eval as the last eval's cost
 estimate, used ≤ budget before each step, so a run ends at most one step over its budget; the
 reserved eval pays for the final eval.
 
-Stop rule. At every eval, L(t) = a + b·t^(−c) is fitted (t in optimizer steps, see curve_fit.py) to
-the evals after warmup in the last decade of steps, [t/10, t] (at least the last 8): a power law is
+Stop rule — on the same curve as the plan's quality model (unitrain/plan/quality.py). At every eval,
+L(t) = a + b·t^(−c) is fitted (curve_fit.py) with t in *effective* steps: the steps whose fresh tokens equal
+the effective tokens of the data trained so far (data-constrained scaling: repeats of the subset's tokens are
+worth less and less; identical to steps within the first epoch), so a run that repeats its data many times
+sees the flattening the repetition causes. The fit covers the evals after warmup in the last decade of
+steps, [t/10, t] (at least the last 8): a power law is
 scale-free, so one decade is a natural window, and it keeps an early transient (a fast,
 exponential-looking drop while a fine-tune learns the format) from dictating the slope long after it
 is over. A rule stop at step t trains on through a cooldown to t_e = t + cooldown(t) (about (1+ρ)·t,
@@ -27,6 +31,12 @@ the marginal gain per FLOP of continuing is the fitted gain per FLOP over the re
 and the budget's threshold is the exchange rate at which that rest is worth ε of the final loss,
 
     λ_B = ε · L(T) / (F·(T − t_e)),        ε = `stopping.min_budget_gain` (default 0.01),
+
+where the gain L(t_e) − L(T) is taken at the fit's upper confidence bound (`stopping.confidence`, default
+0.8 one-sided: gain + z·σ_gain, σ from the fit's parameter covariance by the delta method): the less certain
+the curve, the more evidence a stop needs. The rule must then hold at 2 evals in a row *and* over a stretch of
+1.25× the steps since it first held (CONFIRM_SPAN): a power law is scale-free, so evidence is counted in
+log-time, and a plateau that ends soon after it was first judged flat has its drop inside the stretch.
 
 so the rule g < λ_B reads: stop when the fitted curve says that spending the rest of the budget would
 lower the loss by less than ε of the predicted final loss L(T):  L(t_e) − L(T) < ε·L(T). The stop's
@@ -51,6 +61,12 @@ sight) would save less than its own cooldown and an eval interval, and runs to t
 ('end_of_budget'). A user-set exchange rate `stopping.loss_per_flop` = λ overrides all of this:
 then the comparison is the slope now, b·c·t^(−c−1)/F < λ (continue while the next FLOP buys more
 than λ; for a convex curve no later horizon buys more per FLOP), independent of the budget.
+
+Every fitted decision carries the fit's predicted loss at the budget's end with its 80 % interval
+(`predicted_interval`); `finalize` reports the plan's prediction and the first and last refined ones against
+the achieved final eval loss, and stores the run's curve (one fit over all its evals, in effective steps, with
+the cooldown's factor) in the calibration store, where the next plan on the same model, method, learning rate
+and data finds it (plan.prediction).
 
 Guards, in order: a non-finite loss stops at once ('nonfinite'); `patience` evals in a row whose
 loss exceeds the best smoothed level so far by more than 5σ (σ: eval noise from second differences
@@ -127,16 +143,6 @@ class Decision:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _plausible(alt, fit) -> bool:
-    """The floorless law describes the evals about as well as the fit with a floor: within 2 units of Akaike's
-    criterion (n·ln(SS_alt / SS_fit) − 2 for the one parameter it lacks). A curve that really bends towards a floor
-    fits the floorless law clearly worse and is judged by its own fit."""
-    ss_fit, ss_alt = fit.rmse ** 2 * fit.n, alt.rmse ** 2 * alt.n
-    if ss_fit <= 0:
-        return ss_alt <= 0
-    return fit.n * math.log(max(ss_alt, 1e-300) / ss_fit) - 2 < 2
 
 
 class Governor:
@@ -315,9 +321,11 @@ class Governor:
                                          best_step=self.best_step))
         self._update_patience(eval_loss, step)
         d = self._decide(step)
-        if d.stop and not self.cfg.enabled and d.reason in ("marginal_gain", "patience"):
+        if d.stop and d.reason in ("marginal_gain", "patience") and not (self.cfg.enabled and self.plan.evals.stop_rule):
+            why = "stopping.enabled=false" if not self.cfg.enabled else \
+                "the plan's evals are too small for the stop rule (plan.evals.stop_rule=false)"
             d = dataclasses.replace(d, stop=False, reason="disabled",
-                                    detail=f"stopping.enabled=false; the rule would stop ({d.reason}): {d.detail}")
+                                    detail=f"{why}; the rule would stop ({d.reason}): {d.detail}")
         return self._record(d)
 
     def _update_patience(self, loss: float, step: int) -> None:
@@ -375,19 +383,12 @@ class Governor:
             source = "stopping.loss_per_flop vs the slope now"
         elif T > t_end:  # the average gain per FLOP of training on from the stop's end to the budget's end
             rest = (T - t_end) * F
-            # what the rest would buy, at the fit's upper confidence bound — and at the floorless law's, which keeps
-            # falling: a slow steady decline fits a floor at today's level as well as it fits a power law, so a stop
-            # needs both to say the rest is small
+            # what the rest would buy, at the fit's upper confidence bound: a stop needs evidence that it is small
             g = fit.loss(eff(t_end)) - pred
             bound = g + self.z * curve_q.sd(eff(t_end), eff(T))
-            alt = fit_power_law([eff(p[0]) for p in pts], [p[1] for p in pts], floor=False)
-            if alt is not None and _plausible(alt, fit):
-                g_alt = alt.loss(eff(t_end)) - alt.loss(eff(T))
-                bound = max(bound, g_alt + self.z * alt.params().sd(eff(t_end), eff(T)))
             gain, lam = bound / rest, cfg.min_budget_gain * pred / rest
             source = (f"ε={cfg.min_budget_gain:g} of the predicted loss over the {T - t_end:.0f} steps after "
-                      f"the cooldown; the gain at the {cfg.confidence:.0%} upper bound of the fit and of the "
-                      f"floorless law ({g:.3g} fitted)")
+                      f"the cooldown; the gain at the fit's {cfg.confidence:.0%} upper bound ({g:.3g} fitted)")
         else:  # the cooldown would reach the budget's end: nothing to compare (end_of_budget below)
             gain = lam = None
             source = ""

@@ -7,7 +7,7 @@ executes the run's stored plan.json (it re-plans only with `replan=True`, and th
 continue if the plan changed); recipe keys that do not change the math may change between launches, any other
 change is refused with the list of what changed (resume.py). `plan_file` (`unitrain run RECIPE --plan plan.json`)
 executes a plan made elsewhere (`unitrain plan ... --scan-data --out plan.json`) exactly, after checking that it is
-this recipe's and that the machine found here is the one planned (preflight.py). A fresh plan is made for this
+this recipe's and that the machine found here is the one planned (plan_check.py). A fresh plan is made for this
 machine: the processes the launcher started and the packages installed here.
 """
 
@@ -24,7 +24,7 @@ from unitrain.data import pipeline
 from unitrain.errors import UnitrainError
 from unitrain.recipe import recipe_to_yaml
 from unitrain.train import checkpoint as ckpt
-from unitrain.train import preflight, resume
+from unitrain.train import plan_check, resume
 
 log = logging.getLogger("unitrain")
 
@@ -137,7 +137,7 @@ def run_recipe(recipe, console=None, *, replan: bool = False, plan_file: str | N
         else:
             stored, source = _plan_to_execute(run_dir, recipe, model_config, stats, ctx, resuming, replan, plan_file)
             plan = stored or make_plan(recipe, spec, model_config, stats, world_size=ctx.world)
-        preflight.check_packages(plan)  # the packages on this machine, not the planning one's
+        plan_check.check_packages(plan)  # the packages on this machine, not the planning one's
         keep, subset = choose_subset(tok, cleaning, recipe, plan)
         data = pipeline.finalize(tok, recipe, tokenizer.pad_token_id, keep, subset)
         if len(data.train) < 1:
@@ -203,11 +203,11 @@ def _plan_to_execute(run_dir, recipe, model_config, stats, ctx, resuming: bool, 
                                     f"its stored plan.json: drop --plan, or start a new run with name=<new name>")
     elif plan_file is not None:
         shape = model_shape(recipe.model, model_config, recipe.base_dir)
-        plan, source = preflight.load_plan_file(plan_file, recipe, shape, stats), f"plan file {plan_file}"
+        plan, source = plan_check.load_plan_file(plan_file, recipe, shape, stats), f"plan file {plan_file}"
     else:
         return None, ""
-    found = preflight.machine_resources(ctx.world, plan.resources.nodes, cpu=plan.resources.on_cpu)
-    preflight.check_machine(plan, found, source)
+    found = plan_check.machine_resources(ctx.world, plan.resources.nodes, cpu=plan.resources.on_cpu)
+    plan_check.check_machine(plan, found, source)
     return plan, source
 
 
