@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--deepspeed-config", metavar="OUT.json", help="write the DeepSpeed config the plan implies")
     plan.add_argument("--scan-data", action="store_true", help="tokenize the data to plan epochs and subset size")
+    plan.add_argument("--trace", action="store_true", help="trace the chosen strategy's memory exactly (fake tensors, "
+                      "no GPU; seconds to minutes) and show it next to the formula")
 
     cal = sub.add_parser("calibrate", help="run a few real steps and store measured/predicted factors for later plans")
     cal.add_argument("recipe")
@@ -130,6 +132,13 @@ def cmd_plan(args, console) -> int:
         print(json.dumps(plan.to_dict(), indent=2, default=str))
     else:
         print_plan(plan, console)
+    if args.trace:
+        from rich.console import Console
+
+        from unitrain.plan.trace import plan_trace_lines
+
+        out = Console(stderr=True) if args.json else console  # keep stdout parseable JSON
+        out.print("\n".join(plan_trace_lines(plan, recipe)), highlight=False, markup=False, soft_wrap=True)
     if args.deepspeed_config:
         from unitrain.strategy import deepspeed_config
 

@@ -201,7 +201,7 @@ def make_plan(recipe, spec=None, model_config=None, data_stats: DataStats | None
                 epochs=(steps * G / data_stats.n_sequences) if data_stats and data_stats.n_sequences else 0.0,
                 data=data_info, rejected=rejected_alternatives(best, cands, recipe.methods), notes=notes,
                 calibration=scales[st.method] or None, calibration_key=keys[st.method],
-                predicted_allocated=best.memory.allocated_peak,
+                predicted_allocated=best.memory.allocated_peak, peak_phase=best.memory.peak_phase,
                 model={"name": shape.name, "model_type": shape.model_type, "params": shape.total_params,
                        "trainable_params": best.memory.trainable_params, "layers": shape.num_layers,
                        "hidden_size": shape.hidden_size, "vocab_size": shape.vocab_size, "source": shape.source})

@@ -68,7 +68,7 @@ def plan_summary_lines(plan: Plan) -> list[str]:
              f"{plan.global_batch_size} sequences × {plan.seq_len} tokens = {plan.tokens_per_step} tokens/step",
              f"memory per {'process' if (plan.resources or {}).get('gpus_per_node') == 0 else 'GPU'}: peak "
              f"{_gib(plan.peak_memory)} GiB of {_gib(plan.usable_memory)} GiB usable "
-             f"(allocated {_gib(plan.predicted_allocated)} GiB)"]
+             f"(allocated {_gib(plan.predicted_allocated)} GiB{', at ' + plan.peak_phase if plan.peak_phase else ''})"]
     for c in plan.memory:
         where = " [CPU]" if c.device == "cpu" else ""
         phase = c.inputs.get("phase", "always")
@@ -118,7 +118,8 @@ def print_plan(plan: Plan, console=None) -> None:
         t.add_row(name, _gib(c.bytes), bar, c.formula)
     t.add_row("[bold]peak[/bold]", f"[bold]{_gib(plan.peak_memory)}[/bold]",
               ("[green]" if fits else "[red]") + "█" * round(BAR * plan.peak_memory / scale) + "[/]",
-              "always-resident + max(forward/backward, optimizer step) + overhead")
+              f"alive at the step's largest moment — {plan.peak_phase or 'forward/backward or optimizer step'} — "
+              "+ overhead")
     console.print(t)
     if any(c.device == "cpu" for c in plan.memory):
         console.print(f"CPU memory needed per node: {_gib(plan.cpu_memory_needed)} GiB", highlight=False)

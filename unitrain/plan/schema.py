@@ -84,6 +84,7 @@ class Plan:
     calibration: Optional[dict] = None  # correction factors applied, if any
     calibration_key: str = ""  # hardware + model fingerprint under which measurements are stored
     predicted_allocated: int = 0  # peak minus context/fragmentation: compare with torch.cuda.max_memory_allocated
+    peak_phase: str = ""  # where in the step the peak is (memory.PHASES), e.g. "head backward"
     model: dict = field(default_factory=dict)  # shape summary: name, params, trainable params, layers, ...
 
     def to_dict(self) -> dict:
