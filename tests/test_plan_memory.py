@@ -141,16 +141,57 @@ def test_fused_cross_entropy_removes_the_logits():
     assert fused < plain / 20  # Liger reports > 4x less at 128k vocabulary; chunking keeps ~T·h
 
 
-def test_peak_is_resident_plus_larger_phase_plus_overhead():
+def test_peak_is_the_largest_phase_plus_overhead():
+    from unitrain.plan.memory import PHASES
+
     shape = shape_from_config(KNOWN_CONFIGS["HuggingFaceTB/SmolLM2-135M"])
     est = estimate_memory(shape, Execution(method="full", dtype="bfloat16", micro_batch_size=2), 512, 1, 1, False)
     gpu = [c for c in est.components if c.device == "gpu" and c.name != "overhead"]
-    always = sum(c.bytes for c in gpu if c.inputs["phase"] == "always")
-    fwd = sum(c.bytes for c in gpu if c.inputs["phase"] == "fwd_bwd")
-    step = sum(c.bytes for c in gpu if c.inputs["phase"] == "step")
-    assert est.allocated_peak == always + max(fwd, step)
+    assert set(est.phases) == set(PHASES) and est.allocated_peak == max(est.phases.values())
+    assert est.phases[est.peak_phase] == est.allocated_peak
+    for c in gpu:  # a component's bytes are the most of it alive at any moment; resident ones are alive throughout
+        alive = c.inputs.get("alive")
+        assert alive is None or max(alive.values()) <= c.bytes, c.name
+        assert alive is not None or c.inputs["phase"] == "always", c.name
+    assert est.allocated_peak < sum(c.bytes for c in gpu)  # the terms of different phases never add up
     assert est.peak == est.allocated_peak + comps(est)["overhead"].bytes
     assert all(c.formula and "phase" in c.inputs for c in est.components)
+
+
+def test_autocast_cache_holds_every_layer_at_the_second_forward_by_hand():
+    """Full fine-tuning, fp32 params + bf16 autocast, full checkpointing, 2 micro-batches: the peak is the second
+    micro-batch's loss — weights, the first's gradients, optimizer states, a bf16 copy of every trainable matmul
+    weight (autocast's cache clears only when the outermost autocast exits, checkpointed layers included), the
+    layer inputs and head, the logits (bf16), their fp32 upcast, the log-probs and the final hidden state."""
+    shape = shape_from_config(KNOWN_CONFIGS["meta-llama/Llama-3.1-8B"])
+    psi, L, h, V, T = shape.total_params, shape.num_layers, 4096, shape.vocab_size, 1024
+    st = Execution(method="full", checkpointing="full", micro_batch_size=1, grad_accum=2, dtype="bfloat16")
+    est = estimate_memory(shape, st, T, 1, 1, False)
+    c = comps(est)
+    cache = 2 * (L * shape.linear_params_per_layer + V * h)
+    assert c["autocast_weight_copies"].bytes == cache  # 14.96 GiB on the 8B
+    loss_fwd = (4 + 2 + 4) * T * V + 8 * T + T * h * 4  # log-probs, logits, upcast, targets, final hidden
+    assert est.peak_phase == "forward"
+    assert est.allocated_peak == (4 + 4 + 8) * psi + cache + c["activations"].bytes + loss_fwd
+    # one micro-batch: no earlier gradients in its forward; the end of backward is larger then
+    one = estimate_memory(shape, Execution(**{**st.__dict__, "grad_accum": 1}), T, 1, 1, False)
+    assert one.phases["forward"] == est.phases["forward"] - 4 * psi
+    # not caching inside checkpoints: the copies outside them (lm_head) + the one layer being cast
+    off = estimate_memory(shape, st, T, 1, 1, False, autocast_cache_in_checkpoints=False)
+    assert comps(off)["autocast_weight_copies"].bytes == 2 * (shape.linear_params_per_layer + V * h)
+
+
+def test_lora_checkpointing_peaks_in_the_head_backward_alone():
+    """log_softmax's backward holds the log-probs, their gradient and the logits' gradient on top of what the
+    forward saved; one layer's backward working memory comes only after those are freed."""
+    shape = shape_from_config(KNOWN_CONFIGS["meta-llama/Llama-3.1-8B"])
+    st = Execution(method="lora", checkpointing="full", micro_batch_size=1, dtype="bfloat16")
+    est = estimate_memory(shape, st, 1024, 1, 1, False)
+    c = comps(est)
+    resident = sum(c[k].bytes for k in ("weights", "adapters", "optimizer"))
+    assert est.peak_phase == "head backward"
+    assert est.allocated_peak == resident + c["autocast_weight_copies"].inputs["saved"] + c["activations"].bytes + \
+        c["logits_loss"].bytes
 
 
 @pytest.mark.parametrize("method,ckpt", [("full", "off"), ("full", "full"), ("lora", "off"), ("lora", "full")])

@@ -113,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--advise", action="store_true", help="compare every priced accelerator × 1-64 GPUs for this "
                       "recipe: fits, strategy, step and wall time, GPU-hours, cost")
     plan.add_argument("--deadline", help="with --advise: the wall time to meet, e.g. 12h, 90m, 2d")
+    plan.add_argument("--trace", action="store_true", help="trace the chosen strategy's memory exactly (fake tensors, "
+                      "no GPU; seconds to minutes) and show it next to the formula")
 
     cal = sub.add_parser("calibrate", help="run a few real steps and store measured/predicted factors for later "
                          "plans; --list / --reset show and clear the calibration store")
@@ -237,6 +239,11 @@ def cmd_plan(args, console) -> int:
         Console(stderr=True).print(f"plan written to {args.out}; execute it with `unitrain run {args.recipe} --plan "
                                    f"{args.out}` (it checks the world size, accelerator and memory it finds)",
                                    highlight=False, markup=False)
+    if args.trace:
+        from unitrain.train.trace import plan_trace_lines
+
+        out = Console(stderr=True) if args.json else console  # keep stdout parseable JSON
+        out.print("\n".join(plan_trace_lines(plan, recipe)), highlight=False, markup=False, soft_wrap=True)
     if args.deepspeed_config:
         ds = plan.execution.deepspeed
         if ds is None:

@@ -236,7 +236,8 @@ def make_plan(recipe, spec=None, model_config=None, data_stats: DataStats | None
                         communication_s=tm.communication, offload_s=tm.offload, mfu=tm.mfu),
         memory=MemoryPlan(components=best.memory.components, peak=best.memory.peak,
                           allocated_peak=best.memory.allocated_peak,
-                          usable=usable_memory(spec.gpu_memory, spec.on_cpu), cpu_needed=best.memory.cpu_needed),
+                          usable=usable_memory(spec.gpu_memory, spec.on_cpu), cpu_needed=best.memory.cpu_needed,
+                          peak_phase=best.memory.peak_phase),
         data=alloc.data, evals=alloc.evals, budget=alloc.budget,
         prediction=_prediction(recipe, shape, st.method, data_stats, alloc), calibration=calib,
         rejected=rejected_alternatives(best, cands, recipe.methods, outcomes), notes=notes)

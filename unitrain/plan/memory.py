@@ -16,6 +16,11 @@ Precision regimes (what the trainer is expected to build; see `Precision`):
 Activations are counted tensor by tensor for Llama-family blocks (RMSNorm, GQA, SDPA/flash attention,
 SwiGLU, no dropout) exactly as autograd saves them; the storage-deduplicated measurement in
 `calibrate.measure_cpu_memory` and benchmarks/planner_accuracy.py check them.
+
+The peak is not a sum of the components: `step_phases` says how much of each is alive at each moment of the
+steady-state step (each micro-batch's forward, the head's backward, the layers' backward, the optimizer step) and
+the peak is the largest moment (`MemoryEstimate.peak_phase`); an exact MemTracker trace on fake tensors checks it
+(`unitrain plan --trace`, train/trace.py; benchmarks/planner_vs_trace.py).
 """
 
 from __future__ import annotations
@@ -245,6 +250,8 @@ class MemoryEstimate:
     cpu_needed: int  # per node: offloaded states + process overhead
     activations: dict = field(default_factory=dict)
     trainable_params: int = 0
+    peak_phase: str = ""  # the moment of the step where the allocated peak is (one of PHASES)
+    phases: dict = field(default_factory=dict)  # phase -> allocated bytes alive at its peak moment
 
     def component(self, name: str) -> MemoryComponent | None:
         return next((c for c in self.components if c.name == name), None)
@@ -261,11 +268,146 @@ def autocast_weight_copies(shape: ModelShape, st: Execution, n_ckpt: int, psi_t:
     return (shape.num_layers - n_ckpt) * copies_per_layer(shape, st, psi_t) + head
 
 
+def autocast_cached_copies(shape: ModelShape, st: Execution, psi_t: int) -> int:
+    """What autocast's weight cache holds at the end of the forward. torch caches the cast of a leaf fp32 tensor that
+    requires grad (aten/src/ATen/autocast_mode.cpp, cached_cast: every trainable matmul weight and bias, LoRA's
+    adapters too) and clears the cache only when the outermost autocast exits (torch/amp/autocast_mode.py __exit__:
+    autocast_decrement_nesting() == 0 -> clear_autocast_cache). A checkpointed layer discards its saved tensors but
+    not the cache, so every layer's copies are alive at the loss; the checkpointed ones die when the forward's
+    autocast exits, and the recomputation (a fresh outermost autocast) recasts one layer at a time."""
+    return autocast_weight_copies(shape, st, 0, psi_t)
+
+
+def embedding_grad_transients(shape: ModelShape, st: Execution, g_bytes: int, autocast: bool) -> dict[str, int]:
+    """Pending V·h gradient tensors (plain torch, full fine-tuning; E = V·h·4 B) beyond the .grad of earlier
+    micro-batches, at two moments:
+    - lm_head's weight gradient: E new (+ the 16-bit gradient it is cast from under autocast, V·h·2 B);
+    - the embedding's backward: tied: lm_head's gradient waits in autograd's input buffer for the embedding's dense
+      gradient and their sum is a third tensor (2E above the gradient itself; 3E when a .grad from an earlier
+      micro-batch exists, into which the sum is then added in place); untied: the embedding's dense gradient
+      becomes .grad (0), or is added in place into the earlier micro-batches' .grad (E)."""
+    if st.method != "full":
+        return {"lm_head": 0, "embedding": 0}
+    E = g_bytes * shape.vocab_size * shape.hidden_size
+    later = st.grad_accum > 1
+    return {"lm_head": E + (2 * shape.vocab_size * shape.hidden_size if autocast else 0),
+            "embedding": (3 if later else 2) * E if shape.tied_embeddings else (E if later else 0)}
+
+
+PHASES = ("forward", "head backward", "head backward (lm_head gradient)", "layers backward (top layer)",
+          "layers backward (layer 0)", "layers backward (embedding)", "optimizer step")
+
+
+def step_phases(shape: ModelShape, st: Execution, p: Precision, act: dict, comps: list[MemoryComponent], zs: int,
+                T: int) -> dict[str, dict[str, float]]:
+    """Bytes alive (before calibration factors) per component whose size changes over the step, at the peak moment
+    of each phase of the steady-state step. Components not listed are resident throughout. The moments, with what
+    autograd frees between them (checked against MemTracker traces: benchmarks/planner_vs_trace.py):
+    - forward: at the last micro-batch's log_softmax: saved activations, every cached autocast weight copy, the
+      16-bit logits, their fp32 upcast (16-bit compute), the log-probs, the final hidden state; the gradients of
+      earlier micro-batches;
+    - head backward: log_softmax's backward: log-probs + their gradient + the logits' gradient (8 B × T·V); the
+      upcast and the checkpointed layers' copies are gone;
+    - head backward (lm_head gradient, full fine-tuning): the loss's tensors and lm_head's saved input and weight
+      copy are freed, its weight gradient (V·h·4 B; under autocast also the 16-bit one it is cast from) is new;
+    - layers backward (top layer): head tensors freed but the logits, which the trainer holds until the step ends;
+      lm_head's gradient; the saved layers, one layer's backward working memory (and recomputation);
+    - layers backward (layer 0): every gradient but the embedding's, one layer's activations;
+    - layers backward (embedding): all gradients plus the pending embedding/lm_head gradients;
+    - optimizer step: gradients + the optimizer's temporaries (activations are gone)."""
+    by = {c.name: c for c in comps if c.device == "gpu"}
+
+    def u(name):
+        c = by.get(name)
+        return 0 if c is None else c.bytes / c.inputs.get("calibration_factor", 1.0)
+
+    V, h, L, c, stream = shape.vocab_size, shape.hidden_size, shape.num_layers, p.compute, p.stream
+    full, m, n_ckpt, head = st.method == "full", max(1, st.grad_accum), act["n_ckpt"], act["head_parts"]
+    out: dict[str, dict[str, float]] = {ph: {} for ph in PHASES}
+    # Gradients: those of earlier micro-batches (ZeRO keeps its gradient buffers: counted throughout).
+    G = u("gradients")
+    early = G if m > 1 or zs > 0 else 0
+    lm_head_grad = min(G, 4 * V * h) if full and zs == 0 else 0
+    for ph, g in (("forward", early), ("head backward", early), ("head backward (lm_head gradient)", early),
+                  ("layers backward (top layer)", max(early, lm_head_grad)),
+                  ("layers backward (layer 0)", G if early or not full or shape.tied_embeddings else G - 4 * V * h),
+                  ("layers backward (embedding)", G), ("optimizer step", G)):
+        out[ph]["gradients"] = g
+    if "grad_transients" in by:  # tied + accumulation: lm_head's gradient waits for the embedding's all backward long
+        E = 4 * V * h
+        waiting = E if shape.tied_embeddings and m > 1 else 0
+        out["head backward (lm_head gradient)"]["grad_transients"] = by["grad_transients"].inputs["lm_head"]
+        out["layers backward (top layer)"]["grad_transients"] = waiting
+        out["layers backward (layer 0)"]["grad_transients"] = waiting
+        out["layers backward (embedding)"]["grad_transients"] = by["grad_transients"].inputs["embedding"]
+    if "autocast_weight_copies" in by:
+        ac = by["autocast_weight_copies"].inputs
+        per, saved = ac["per_layer"], ac["saved"]
+        head_copy = saved - (L - n_ckpt) * per
+        # at the loss every layer is done: with the cache all copies are alive, without it those saved for backward
+        out["forward"]["autocast_weight_copies"] = u("autocast_weight_copies") if ac["cache_in_checkpoints"] else saved
+        out["head backward"]["autocast_weight_copies"] = saved
+        out["head backward (lm_head gradient)"]["autocast_weight_copies"] = saved - head_copy
+        out["layers backward (top layer)"]["autocast_weight_copies"] = saved - head_copy + (per if n_ckpt else 0)
+        out["layers backward (layer 0)"]["autocast_weight_copies"] = per
+    A = u("activations")
+    top = A - head["final_norm"] - head["lm_head_input"]
+    out["forward"]["activations"] = out["head backward"]["activations"] = A
+    out["layers backward (top layer)"]["activations"] = top
+    out["head backward (lm_head gradient)"]["activations"] = A - head["lm_head_input"]
+    out["layers backward (layer 0)"]["activations"] = min(top, head["rotary"] + head["embedding_ids"] + (
+        T * h * stream if n_ckpt else act["per_layer"]))
+    out["layers backward (embedding)"]["activations"] = min(top, head["embedding_ids"])
+    loss = u("logits_loss")
+    if "fused_ce" in st.kernels:
+        out["forward"]["logits_loss"] = out["head backward"]["logits_loss"] = loss
+    else:
+        held = c * T * V  # lm_head's output: the trainer's `out` keeps it until after backward
+        upcast = 4 * T * V if c < 4 else 0  # the loss's logits.float() (a no-op in fp32)
+        final_hidden = 0 if full and c == stream else T * h * stream  # alive while the loss runs, unless saved
+        out["forward"]["logits_loss"] = min(loss, head["loss"] + held + upcast + final_hidden)
+        out["head backward"]["logits_loss"] = loss
+        for ph in ("head backward (lm_head gradient)", "layers backward (top layer)", "layers backward (layer 0)",
+                   "layers backward (embedding)"):
+            out[ph]["logits_loss"] = held
+    for ph in ("layers backward (top layer)", "layers backward (layer 0)"):
+        out[ph]["backward_transient"] = u("backward_transient")
+    out["head backward (lm_head gradient)"]["backward_transient"] = min(u("backward_transient"), T * h * stream)
+    if "step_temporaries" in by:
+        out["optimizer step"]["step_temporaries"] = u("step_temporaries")
+    if not full:  # a frozen lm_head and embedding have no weight gradients
+        del out["layers backward (embedding)"], out["head backward (lm_head gradient)"]
+    phased = {c.name for c in comps if c.inputs.get("phase") != "always"} | {"gradients"}
+    for ph in out:
+        for name in phased - set(out[ph]):
+            out[ph][name] = 0
+    return out
+
+
+def phase_totals(comps: list[MemoryComponent]) -> dict[str, int]:
+    """Allocated bytes per phase: the components' `alive` bytes (resident ones count their bytes throughout)."""
+    gpu = [c for c in comps if c.device == "gpu" and c.name != "overhead"]
+    phases = next((list(c.inputs["alive"]) for c in gpu if "alive" in c.inputs), [])
+    return {ph: sum(c.inputs["alive"][ph] if "alive" in c.inputs else c.bytes for c in gpu) for ph in phases}
+
+
+def peak_of(comps: list[MemoryComponent]) -> tuple[int, str]:
+    """(allocated peak, its phase). calibrate.apply_calibration can re-evaluate a scaled plan with this, after
+    scaling each component's `alive` bytes by the same factor as its bytes."""
+    totals = phase_totals(comps)
+    phase = max(totals, key=totals.get)
+    return totals[phase], phase
+
+
 def estimate_memory(shape: ModelShape, st: Execution, seq_len: int, world_size: int, gpus_per_node: int,
-                    on_cpu: bool, lora: LoraSpec = LoraSpec(), scale: dict | None = None) -> MemoryEstimate:
-    """Predicted per-GPU memory of one training step (forward/backward peak or optimizer-step peak).
+                    on_cpu: bool, lora: LoraSpec = LoraSpec(), scale: dict | None = None,
+                    autocast_cache_in_checkpoints: bool = True) -> MemoryEstimate:
+    """Predicted per-GPU memory of one training step: the largest of what is alive at each phase's peak moment
+    (`step_phases`), plus context and fragmentation.
 
     `scale` maps component names to calibration factors (measured / predicted) applied to their bytes.
+    `autocast_cache_in_checkpoints=False`: checkpointed layers run under torch.autocast(cache_enabled=False)
+    (trace.no_autocast_cache_in_checkpoints), so their 16-bit weight copies are not held through the whole forward.
     """
     p = precision_for(st, on_cpu)
     N, zs, b, s = max(1, world_size), st.zero_stage, st.micro_batch_size, seq_len
@@ -304,10 +446,14 @@ def estimate_memory(shape: ModelShape, st: Execution, seq_len: int, world_size: 
             psi_t=psi_t, r=lora.r)
     n_ckpt = _checkpointed_layers(st.checkpointing, shape.num_layers)
     if not on_cpu and zs == 0 and p.compute == 2:
-        copies = autocast_weight_copies(shape, st, n_ckpt, psi_t)
-        add("autocast_weight_copies", copies + (copies_per_layer(shape, st, psi_t) if n_ckpt else 0),
-            "2 B × trained matmul weights outside checkpoints (autocast)" + (" + 1 recomputed layer" if n_ckpt else ""),
-            phase="fwd_bwd")
+        per, saved = copies_per_layer(shape, st, psi_t), autocast_weight_copies(shape, st, n_ckpt, psi_t)
+        cached = autocast_cached_copies(shape, st, psi_t) if autocast_cache_in_checkpoints else \
+            saved + (per if n_ckpt else 0)
+        cache_ckpt = n_ckpt and autocast_cache_in_checkpoints
+        add("autocast_weight_copies", cached, "2 B × trained fp32 matmul weights: autocast caches a bf16 copy of each "
+            "until the forward ends" + (", checkpointed layers too" if cache_ckpt else "") +
+            ("; those outside checkpoints stay saved for backward" if n_ckpt else ""), phase="fwd_bwd",
+            saved=saved, per_layer=per, cache_in_checkpoints=autocast_cache_in_checkpoints)
     # Gradients.
     offload_opt = st.offload_optimizer
     g_bytes = 4 if zs == 0 and st.method == "full" else (p.adapter_param if st.method != "full" else p.param)
@@ -364,7 +510,7 @@ def estimate_memory(shape: ModelShape, st: Execution, seq_len: int, world_size: 
             bucket=B)
     # Activations.
     act = activation_bytes(shape, b, s, st, p, lora)
-    T = b * s
+    T, V, h = b * s, shape.vocab_size, shape.hidden_size
     add("activations", act["layers"] + act["checkpoint_inputs"] + act["head"] - act["head_parts"]["loss"],
         " + ".join(x for x in [f"{shape.num_layers - act['n_ckpt']} × {act['per_layer'] / 2**20:.4g} MiB/layer"
                                if act["n_ckpt"] < shape.num_layers else "",
@@ -375,25 +521,36 @@ def estimate_memory(shape: ModelShape, st: Execution, seq_len: int, world_size: 
         # unitrain_kernels.fused_linear_cross_entropy: chunks of C = min(T, 2^⌊log2(256 MiB / (V·e))⌋) tokens,
         # each chunk's logits rewritten in place into their gradient (C·V·e), plus an fp32 grad-W
         # accumulator (V·h·4 B) when lm_head trains (full fine-tuning).
-        V, e = shape.vocab_size, p.compute
+        e = p.compute
         chunk = min(T, 2 ** int(math.log2(max(1, 256 * 2**20 // (V * e)))))
-        grad_w = 4 * V * shape.hidden_size if st.method == "full" else 0
+        grad_w = 4 * V * h if st.method == "full" else 0
         add("logits_loss", act["head_parts"]["loss"] + chunk * V * e + grad_w,
             f"T·h·{e} B + {chunk}×V × {e} B (chunk)" + (" + V·h × 4 B (grad W)" if grad_w else "") + " (fused CE)",
             phase="fwd_bwd", chunk=chunk, V=V, saved=act["head_parts"]["loss"], grad_w=grad_w)
     else:
-        add("logits_loss", act["head_parts"]["loss"] + (8 + p.compute) * T * shape.vocab_size,
+        add("logits_loss", act["head_parts"]["loss"] + (8 + p.compute) * T * V,
             f"T·V × (4 B log-probs + 8 B fp32 grads + {p.compute} B logits)", phase="fwd_bwd", T=T,
-            V=shape.vocab_size, saved=act["head_parts"]["loss"])
-    work = 3 * T * shape.intermediate_size * p.compute + (act["per_layer"] if act["n_ckpt"] else 0)
-    add("backward_transient", work, f"3 × T·I·{p.compute} B (MLP grads)" +
-        (" + 1 recomputed layer" if act["n_ckpt"] else ""), phase="fwd_bwd")
-    # Peak: persistent states + the larger of the two phases.
-    gpu = [c for c in comps if c.device == "gpu"]
-    always = sum(c.bytes for c in gpu if c.inputs["phase"] == "always")
-    allocated = always + max(sum(c.bytes for c in gpu if c.inputs["phase"] == ph) for ph in ("fwd_bwd", "step"))
+            V=V, saved=act["head_parts"]["loss"])
+    # One layer's backward: the MLP's three T·I gradients, the residual stream's gradient (+ the layer recomputed).
+    work = 3 * T * shape.intermediate_size * p.compute + T * h * p.stream + (act["per_layer"] if act["n_ckpt"] else 0)
+    add("backward_transient", work, f"3 × T·I·{p.compute} B (MLP grads) + T·h·{p.stream} B (residual grad)" +
+        (" + 1 recomputed layer" if act["n_ckpt"] else ""), phase="fwd_bwd", residual_grad=T * h * p.stream)
+    if zs == 0 and st.method == "full":
+        pending = embedding_grad_transients(shape, st, g_bytes, not on_cpu and p.compute == 2)
+        add("grad_transients", max(pending.values()), "V·h × 4 B per pending lm_head/embedding gradient (" +
+            ("tied: lm_head's waits for the embedding's, then their sum" if shape.tied_embeddings else
+             "then accumulated into .grad") + ")", phase="fwd_bwd", E=g_bytes * V * h, **pending)
+    # Peak: the largest of what is alive at each moment of the step (memory.step_phases).
+    alive = step_phases(shape, st, p, act, comps, zs, T)
+    for c in comps:
+        if c.device == "gpu" and any(c.name in parts for parts in alive.values()):
+            f = c.inputs.get("calibration_factor", 1.0)
+            c.inputs["alive"] = {ph: int(parts.get(c.name, 0) * f) for ph, parts in alive.items()}
+    allocated, peak_phase = peak_of(comps)
     if scale and "peak" in scale and not any(c.name in scale for c in comps):  # a whole-peak correction only
         allocated = int(allocated * scale["peak"])
+    if scale and "traced_peak" in scale:  # trace.trace_factors: what the phase model misses for this family
+        allocated = int(allocated * scale["traced_peak"])
     if on_cpu:
         add("overhead", PROCESS_CPU, "torch process (libraries, allocator)", process=PROCESS_CPU)
     else:
@@ -402,4 +559,5 @@ def estimate_memory(shape: ModelShape, st: Execution, seq_len: int, world_size: 
     peak = allocated + comps[-1].bytes
     offloaded = sum(c.bytes for c in comps if c.device == "cpu")
     cpu_needed = ranks_per_node * (offloaded + (0 if on_cpu else PROCESS_CPU))
-    return MemoryEstimate(comps, int(peak), int(allocated), int(cpu_needed), act, psi_t)
+    return MemoryEstimate(comps, int(peak), int(allocated), int(cpu_needed), act, psi_t, peak_phase,
+                          phase_totals(comps))

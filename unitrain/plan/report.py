@@ -109,7 +109,7 @@ def plan_summary_lines(plan: Plan) -> list[str]:
              f"batch: {s.micro_batch_size} micro × {s.grad_accum} accumulation × {plan.world_size} ranks = "
              f"{plan.global_batch_size} sequences × {plan.seq_len} slots",
              f"memory per {_unit(plan)}: peak {_gib(mem.peak)} GiB of {_gib(mem.usable)} GiB usable "
-             f"(allocated {_gib(mem.allocated_peak)} GiB)"]
+             f"(allocated {_gib(mem.allocated_peak)} GiB{', at ' + mem.peak_phase if mem.peak_phase else ''})"]
     for c in mem.components:
         where = " [CPU]" if c.device == "cpu" else ""
         phase = c.inputs.get("phase", "always")
@@ -164,7 +164,8 @@ def print_plan(plan: Plan, console=None) -> None:
         t.add_row(name, _gib(c.bytes), bar, c.formula)
     t.add_row("[bold]peak[/bold]", f"[bold]{_gib(mem.peak)}[/bold]",
               ("[green]" if fits else "[red]") + "█" * round(BAR * mem.peak / scale) + "[/]",
-              "always-resident + max(forward/backward, optimizer step) + overhead")
+              f"alive at the step's largest moment — {mem.peak_phase or 'forward/backward or optimizer step'} — "
+              "+ overhead")
     console.print(t)
     if any(c.device == "cpu" for c in mem.components):
         console.print(f"CPU memory needed per node: {_gib(mem.cpu_needed)} GiB", highlight=False)

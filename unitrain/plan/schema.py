@@ -127,6 +127,7 @@ class MemoryPlan:
     allocated_peak: int = 0  # peak minus context/fragmentation: compare with torch.cuda.max_memory_allocated
     usable: int = 0  # memory per GPU minus the safety margin
     cpu_needed: int = 0  # offloaded states + pinned buffers + process memory per node
+    peak_phase: str = ""  # where in the step the peak is (memory.PHASES), e.g. "head backward"
 
     def component(self, name: str) -> MemoryComponent | None:
         return next((c for c in self.components if c.name == name), None)
