@@ -2,10 +2,11 @@
 step, never wrapped or redrawn; on a terminal a bar that fits 80 columns, redrawn at a bounded rate, with a real ETA
 and every step line and warning on its own line above it; third-party noise gone; summary.json's fractions say of
 what. The two end-to-end tests run the command line in a subprocess (a log file; a pseudo-terminal of 80 columns)
-on a tiny QLoRA run with activation checkpointing, which provokes every known noise line."""
+on tiny runs that provoke the known noise lines (NOISY)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -49,14 +50,22 @@ STEPS = 4
 SAVES = 2  # save_every=2: at step 2, and the final one at step 4
 
 
+# Each provokes its share of the noise on every run: QLoRA with checkpointing bitsandbytes' kernels probe, the
+# "Loading weights" bar and peft's FutureWarnings; full fine-tuning (its export: save_pretrained imports DeepSpeed)
+# the accelerator probe and the "Writing model shards" bar.
+NOISY = {"qlora": {"method.name": "qlora", "training.gradient_checkpointing": "full"}, "full": {"method.name": "full"}}
+
+
 @pytest.fixture
 def recipe_file(tiny_recipe, tmp_path):
-    recipe = tiny_recipe(**{"method.name": "qlora", "training.gradient_checkpointing": "full",
-                            "training.max_steps": STEPS, "training.eval_every": 2, "tracking.progress": True,
-                            "output.save_every": 2})
-    path = tmp_path / "recipe.yaml"
-    path.write_text(recipe_to_yaml(recipe))
-    return recipe, path
+    def make(kind):
+        recipe = tiny_recipe(**NOISY[kind], **{"training.max_steps": STEPS, "training.eval_every": 2,
+                                               "tracking.progress": True, "output.save_every": 2})
+        path = tmp_path / "recipe.yaml"
+        path.write_text(recipe_to_yaml(recipe))
+        return recipe, path
+
+    return make
 
 
 def _env(tmp_path, **extra) -> dict:
@@ -113,7 +122,7 @@ def test_log_output_is_plain_whole_lines(recipe_file, tmp_path):
     from unitrain.plan.report import _length_lines
     from unitrain.plan.schema import Plan
 
-    recipe, path = recipe_file
+    recipe, path = recipe_file("qlora")
     log = tmp_path / "run.log"
     with log.open("w") as f:
         res = subprocess.run([sys.executable, "-c", LAUNCH, "run", str(path)], stdout=f, stderr=subprocess.STDOUT,
@@ -141,7 +150,7 @@ def test_terminal_bar_fits_80_columns_with_lines_above(recipe_file, tmp_path):
     """On an 80-column terminal: nothing drawn wider than 80; every step line and warning persists on its own line
     (never glued onto the bar); the bar shows a clock ETA from the start and ends in 'done'; it is redrawn at most
     REFRESH_HZ a second plus once per line printed above it; no third-party noise."""
-    recipe, path = recipe_file
+    recipe, path = recipe_file("full")
     status, raw = _on_pty([sys.executable, "-c", LAUNCH, "run", str(path)], 80,
                           _env(tmp_path, TERM="xterm-256color"), tmp_path)
     assert status == 0, raw[-3000:]
@@ -221,23 +230,45 @@ def test_step_line():
     assert P.step_line({"step": 3, "tokens": 10}) is None
 
 
-@pytest.fixture
-def routed(monkeypatch):
-    """console.setup_output on a terminal-like console writing into a buffer; logging, warnings and the
-    environment restored after."""
+@contextlib.contextmanager
+def _routed(console, monkeypatch):
+    """console.setup_output(console); logging, warnings and the environment as they were after."""
     for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE", "TOKENIZERS_PARALLELISM"):
-        monkeypatch.setenv(name, os.environ.get(name, "1"))  # what setup_output sets: back as it was after
+        monkeypatch.delenv(name, raising=False)  # what setup_output sets: back as it was after
     root = logging.getLogger()
     saved = (root.handlers[:], root.level, logging.getLogger("unitrain").level, warnings.showwarning)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            C.setup_output(console)
+            yield
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        logging.getLogger("unitrain").setLevel(saved[2])
+        warnings.showwarning = saved[3]
+
+
+@pytest.fixture
+def routed(monkeypatch):
+    """setup_output on a terminal-like console writing into a buffer."""
     out = io.StringIO()
     console = Console(file=out, width=120, force_terminal=True, color_system=None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        C.setup_output(console)
+    with _routed(console, monkeypatch):
         yield console, out
-    root.handlers[:], root.level = saved[0], saved[1]
-    logging.getLogger("unitrain").setLevel(saved[2])
-    warnings.showwarning = saved[3]
+
+
+def test_library_bars_are_off_in_a_log(tmp_path):
+    """Off a terminal every tqdm bar is off (the GGUF conversion's "Converting and de-quantizing GGUF tensors" bar
+    drew ten states into the log; tqdm reads TQDM_DISABLE when imported, after setup_output as in the command line);
+    on a terminal that long conversion keeps its bar. transformers' and the hub's bars are off everywhere."""
+    code = ("import sys; from unitrain.console import make_console, setup_output; setup_output(make_console()); "
+            "from tqdm.auto import tqdm; [x for x in tqdm(range(3), desc='Converting and de-quantizing GGUF "
+            "tensors...', file=sys.stdout)]; import os; print(os.environ.get('HF_HUB_DISABLE_PROGRESS_BARS'))")
+    env = _env(tmp_path)
+    log = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert log.returncode == 0 and log.stdout == "1\n" and log.stderr == "", (log.stdout, log.stderr)
+    status, raw = _on_pty([sys.executable, "-c", code], 80, env | {"TERM": "xterm-256color"}, tmp_path)
+    assert status == 0 and "Converting and de-quantizing GGUF tensors...: 100%" in raw
 
 
 def test_warnings_print_above_the_bar_on_their_own_line(routed):
