@@ -232,20 +232,22 @@ def test_step_line():
 
 @contextlib.contextmanager
 def _routed(console, monkeypatch):
-    """console.setup_output(console); logging, warnings and the environment as they were after."""
+    """console.setup_output(console); logging, warnings (its restore function) and the environment as they were
+    after."""
     for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE", "TOKENIZERS_PARALLELISM"):
         monkeypatch.delenv(name, raising=False)  # what setup_output sets: back as it was after
     root = logging.getLogger()
-    saved = (root.handlers[:], root.level, logging.getLogger("unitrain").level, warnings.showwarning)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            C.setup_output(console)
+    before = (root.handlers[:], root.level, logging.getLogger("unitrain").level)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        shown = warnings.showwarning
+        restore = C.setup_output(console)
+        try:
             yield
-    finally:
-        root.handlers[:], root.level = saved[0], saved[1]
-        logging.getLogger("unitrain").setLevel(saved[2])
-        warnings.showwarning = saved[3]
+        finally:
+            restore()
+        assert warnings.showwarning is shown
+    assert (root.handlers, root.level, logging.getLogger("unitrain").level) == before
 
 
 @pytest.fixture

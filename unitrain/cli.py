@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     # one console for results, step lines, warnings and library messages (unitrain/console.py); UNITRAIN_LOG=DEBUG
     # shows everything, the library chatter that is otherwise hidden included
     console = make_console()
-    setup_output(console, os.environ.get("UNITRAIN_LOG"))
+    restore_output = setup_output(console, os.environ.get("UNITRAIN_LOG"))
     try:
         return COMMANDS[args.command](args, console)
     except UnitrainError as e:
@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
         return 130
+    finally:
+        restore_output()
 
 
 if __name__ == "__main__":

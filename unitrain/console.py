@@ -90,22 +90,32 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         logging.DEBUG if is_noise(text) else logging.WARNING, "%s", text)
 
 
-def setup_output(console: Console, level: str | None = None) -> ConsoleHandler:
-    """Route logging and warnings through `console`, quiet third-party bars; -> the installed handler.
-    `level` (UNITRAIN_LOG): the level for every logger; default WARNING for libraries, INFO for unitrain."""
+def setup_output(console: Console, level: str | None = None):
+    """Route logging and warnings through `console`, quiet third-party bars; -> a function that puts logging and
+    warnings back as they were (the command line calls it on return: a caller's own logging, e.g. a test's, is
+    left as found). `level` (UNITRAIN_LOG): the level for every logger; default WARNING for libraries, INFO for
+    unitrain."""
+    root, ours = logging.getLogger(), logging.getLogger("unitrain")
+    before = (root.handlers[:], root.level, ours.level, warnings.showwarning)
+
+    def restore() -> None:
+        root.handlers[:] = before[0]
+        root.setLevel(before[1])
+        ours.setLevel(before[2])
+        warnings.showwarning = before[3]
+
     handler = ConsoleHandler(console)
     if level is not None and not isinstance(logging.getLevelName(level.upper()), int):
         console.print(f"warning: UNITRAIN_LOG={level!r} is not a logging level (DEBUG, INFO, WARNING, ERROR); "
                       f"using the default", markup=False, highlight=False, style="yellow")
         level = None
     level = level.upper() if level else None
-    root = logging.getLogger()
     for h in list(root.handlers):
         if isinstance(h, ConsoleHandler) or type(h) is logging.StreamHandler:
             root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level or logging.WARNING)
-    logging.getLogger("unitrain").setLevel(level or logging.INFO)
+    ours.setLevel(level or logging.INFO)
     warnings.showwarning = _show_warning
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights", "Writing model
     if "transformers" in sys.modules:                          # shards" bars read it at import
@@ -116,7 +126,7 @@ def setup_output(console: Console, level: str | None = None) -> ConsoleHandler:
         os.environ.setdefault("TQDM_DISABLE", "1")  # any other tqdm bar (GGUF conversion): redraws, in a log file
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     adopt_library_loggers()
-    return handler
+    return restore
 
 
 def adopt_library_loggers() -> None:
