@@ -46,3 +46,15 @@ def test_the_shown_advice_is_current(tmp_path):
     shown, now = _shown_and_now(tmp_path, "recipes/llama-lora.yaml --advise --deadline 12h")
     assert shown == now, "rerun python benchmarks/plan_examples.py and paste its advisor table into README.md " \
         "(section 'Before you rent')"
+
+
+def test_the_command_table_lists_every_subcommand():
+    import argparse
+
+    from unitrain.cli import _parser
+
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    table = README[README.index("| command | what it does |"):]
+    table = table[:table.index("\n\n")]
+    missing = [name for name in sub.choices if f"| `unitrain {name}" not in table]
+    assert not missing, f"add these subcommands (`unitrain --help`) to README.md's command table: {missing}"

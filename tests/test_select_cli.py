@@ -50,13 +50,14 @@ def _select(recipe_path, out, *args):
 
 def _explains_every_drop(subset: list[dict], report: dict) -> dict[int, dict]:
     """Each of the n records is kept once or dropped once with a reason; the counts add up."""
-    kept = [r["index"] for r in subset]
+    assert len(report["kept"]) == len(subset)  # one entry per written row, in the file's order
+    kept = [k["index"] for k in report["kept"]]
     dropped = {int(i): d for i, d in report["dropped"].items()}
     assert len(set(kept)) == len(kept) == report["n_kept"]
     assert not set(kept) & set(dropped)
     assert set(kept) | set(dropped) == set(range(report["n_records"]))
     assert dict(Counter(d["why"] for d in dropped.values())) == report["dropped_by_reason"]
-    assert report["tokens_kept"] == sum(r["n_tokens"] for r in subset)
+    assert report["tokens_kept"] == sum(k["n_tokens"] for k in report["kept"])
     for d in dropped.values():
         assert d["why"] in FILTER_REASONS | DUP_REASONS | {"not_selected"}
         if d["why"] in DUP_REASONS:  # names the clean copy it repeats (kept, or later not selected) and the similarity
@@ -88,7 +89,8 @@ def test_budgeted_select_is_deterministic_and_explains_every_drop(slice_recipe, 
     other, rep_other = _select(path, tmp_path / "c.jsonl", "--budget", "8k tokens", "--encoder", "none",
                                "training.seed=1")
     assert rep_other["policy"] == "select_clean_random"
-    assert {r["index"] for r in other} != {r["index"] for r in a}  # the seed matters, it is not a constant
+    assert other != a and {k["index"] for k in rep_other["kept"]} != {k["index"] for k in rep_a["kept"]}  # the seed
+    # matters, it is not a constant
 
 
 def test_budget_beyond_the_data_keeps_all_clean_data_and_repeats_it(slice_recipe, tmp_path):
@@ -98,11 +100,11 @@ def test_budget_beyond_the_data_keeps_all_clean_data_and_repeats_it(slice_recipe
     assert rep["policy"] == "keep_all" and "covers the clean data" in rep["reason"]
     dropped = _explains_every_drop(subset, rep)
     assert {d["why"] for d in dropped.values()} <= FILTER_REASONS | DUP_REASONS  # nothing clean is left out
-    by_index = {r["index"]: r for r in subset}
+    by_index = {k["index"]: row for k, row in zip(rep["kept"], subset)}  # rows as read: the input's columns
     exact = [d for d in dropped.values() if d["why"] == "exact_duplicate"]
     near = [d for d in dropped.values() if d["why"] == "near_duplicate"]
-    assert len(exact) == 1 and by_index[exact[0]["of"]]["prompt"] == a["question"]
-    assert len(near) == 1 and by_index[near[0]["of"]]["prompt"] == b["question"]
+    assert len(exact) == 1 and by_index[exact[0]["of"]]["question"] == a["question"]
+    assert len(near) == 1 and by_index[near[0]["of"]]["question"] == b["question"]
     assert near[0]["on"] == "text" and 0.8 <= near[0]["score"] < 1
 
 
@@ -122,8 +124,36 @@ def test_run_path_picks_the_cli_subset_and_it_fits_the_plan(slice_recipe, tmp_pa
     cleaning = pipeline.clean(tok, recipe)
     plan = make_plan(recipe, data_stats=pipeline.data_stats(tok, recipe, tokenizer.pad_token_id, cleaning))
     keep, info = choose_subset(tok, cleaning, recipe, plan)
-    assert keep == [r["index"] for r in subset] and info["policy"] == rep["policy"]
+    assert keep == [k["index"] for k in rep["kept"]] and info["policy"] == rep["policy"]
     # Unpacked, the 10 planned steps reach 40 examples. The budget is in real tokens, so a random draw of
     # examples matches it to within an example or two; sized by slot tokens (10 × 4 × 256) it held ~55.
     steps_hold = plan.length.steps * plan.global_batch_size
     assert 0.85 * steps_hold <= len(keep) <= 1.1 * steps_hold
+
+
+def test_the_subset_trains_as_data_train_as_it_is(tiny_recipe, tmp_path, capsys):
+    """`unitrain select --out subset.jsonl` writes the input's own rows (builtin:skills: question/answer, not the
+    internal prompt/response form), so `unitrain run RECIPE data.train=subset.jsonl` trains on them with no
+    data.fields mapping; the held-out split it was carved from comes beside it, apart from the subset."""
+    from unitrain.data.demo import generate
+    from unitrain.plan.schema import Plan
+
+    recipe = tiny_recipe(**{"data.select": True, "data.select_encoder": None, "training.max_steps": 2,
+                            "training.eval_every": 0, "output.save_every": 0})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe_to_yaml(recipe))
+    out = tmp_path / "subset.jsonl"
+    subset, rep = _select(path, out, "--budget", "1k tokens")
+    assert 0 < len(subset) < recipe.data.max_examples - recipe.data.eval_split and rep["policy"] != "keep_all"
+    source = {json.dumps(r, sort_keys=True) for r in generate("skills")}
+    assert all(set(r) == {"question", "answer"} and json.dumps(r, sort_keys=True) in source for r in subset)
+    held = [json.loads(line) for line in (tmp_path / "subset.eval.jsonl").open()]
+    assert len(held) == recipe.data.eval_split and not {json.dumps(r) for r in held} & {json.dumps(r) for r in subset}
+    printed = capsys.readouterr().out
+    assert f"data.train={out} data.eval={tmp_path / 'subset.eval.jsonl'}" in printed  # the command to train on it
+
+    assert main(["run", str(path), f"data.train={out}", f"data.eval={tmp_path / 'subset.eval.jsonl'}"]) == 0
+    run_dir = recipe.run_dir
+    plan = Plan.load(run_dir / "plan.json")
+    assert plan.data.unique_examples == len(subset)  # exactly the subset's rows, every one clean
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2

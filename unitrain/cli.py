@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
 from unitrain import __version__
+from unitrain.console import make_console, setup_output
 from unitrain.errors import RecipeError, UnitrainError
 
 EPILOG = """examples:
@@ -309,6 +310,8 @@ def cmd_advise(args, console) -> int:
 
 
 def cmd_select(args, console) -> int:
+    import shlex
+
     from unitrain.plan import make_plan
     from unitrain.train.run import select_for_plan
 
@@ -319,13 +322,24 @@ def cmd_select(args, console) -> int:
     encoder = "recipe" if args.encoder is None else \
         None if args.encoder.lower() in ("none", "null") else args.encoder
     sel = select_for_plan(tok, cleaning, recipe, plan, encoder)
-    out = sel.write(args.out)
+    out = sel.write(args.out, rows=tok.train_source)  # the input's own rows and columns: data.train as it is
     r = sel.report()
     console.print(f"{r['policy']}: {r['reason']}", highlight=False)
     console.print(f"kept {r['n_kept']} of {r['n_records']} examples ({r['tokens_kept']} tokens; the plan trains "
                   f"{plan.data.epochs:.2f} epochs over them); dropped {r['dropped_by_reason']}; skipped {r['skipped']}",
                   highlight=False)
     console.print(f"subset: {args.out}   report: {out}", highlight=False)
+    train_on = [f"data.train={args.out}"]
+    if tok.eval_source is not None:  # the held-out split was carved from data.train: keep it apart from the subset
+        held = Path(args.out).with_suffix(".eval.jsonl")
+        with held.open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in tok.eval_source)
+        console.print(f"held-out split ({len(tok.eval_source)} rows, carved from data.train): {held}", highlight=False)
+        train_on.append(f"data.eval={held}")
+    again = [args.recipe, *args.overrides] + ([f"resources.budget={args.budget}", "training.max_steps=null"]
+                                              if args.budget else [])
+    console.print(f"train on it: unitrain run {' '.join(map(shlex.quote, again + train_on))}", highlight=False,
+                  markup=False, soft_wrap=True)
     return 0
 
 
@@ -382,16 +396,6 @@ def _calibration_store(args, console, calibrate) -> int:
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "select": cmd_select, "calibrate": cmd_calibrate}
 
 
-def _quiet_libraries() -> None:
-    """Library chatter that says nothing to a unitrain user."""
-    import warnings
-
-    # bitsandbytes on CPU looks for HF's optional `kernels` package and logs a warning when it's absent.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 def main(argv: list[str] | None = None) -> int:
     json_mode = "--json" in (sys.argv[1:] if argv is None else argv)  # then stdout is JSON, errors included
     _Parser.json_errors = json_mode
@@ -418,16 +422,17 @@ def _main(argv, json_mode: bool) -> int:
     if args.command is None:
         _parser().print_help()
         return 2
-    logging.basicConfig(level=os.environ.get("UNITRAIN_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    _quiet_libraries()
-    console = Console(stderr=False)
+    # one console for results, step lines, warnings and library messages (unitrain/console.py); UNITRAIN_LOG=DEBUG
+    # shows everything, the library chatter that is otherwise hidden included
+    console = make_console()
+    restore_output = setup_output(console, os.environ.get("UNITRAIN_LOG"))
     try:
         return COMMANDS[args.command](args, console)
     except UnitrainError as e:
         if json_mode:
             print(json.dumps({"error": str(e), "fix": error_fix(e)}))
         else:
-            Console(stderr=True).print(f"error: {e}", markup=False, highlight=False, style="red")
+            make_console(stderr=True).print(f"error: {e}", markup=False, highlight=False, style="red")
         return e.exit_code
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
@@ -441,6 +446,8 @@ def _main(argv, json_mode: bool) -> int:
         print(json.dumps({"error": f"internal error: {type(e).__name__}: {e}",
                           "fix": "this is a bug in unitrain; report it with the traceback printed on stderr"}))
         return 1
+    finally:
+        restore_output()
 
 
 if __name__ == "__main__":

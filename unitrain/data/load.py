@@ -244,6 +244,10 @@ class TokenizedData:
     train_records: list[dict]  # canonical {"prompt", "response", "id", "n_tokens"} for selection
     format: str
     skipped: dict  # reason -> count
+    # the rows as read (a datasets.Dataset: row `id` of a record is that record's original row, every column), so a
+    # selected subset can be written in the input's own columns; the eval split's too when carved from data.train
+    train_source: object = None
+    eval_source: object = None
 
 
 def _cache_key(ds, fmt, cfg, tokenizer, use_template, role: str) -> str:
@@ -343,4 +347,5 @@ def load_examples(cfg, tokenizer, seed: int, base_dir: str | None = None) -> Tok
     if not train_rows:
         raise DataError(f"no training examples left after filtering {len(train_ds)} rows ({skipped}); check "
                         f"data.fields and data.max_length (={cfg.max_length})")
-    return TokenizedData(train_rows, eval_rows, eval_examples, canon, fmt, skipped)
+    return TokenizedData(train_rows, eval_rows, eval_examples, canon, fmt, skipped, train_ds,
+                         eval_ds if eval_ds is not None and not cfg.eval else None)

@@ -90,17 +90,22 @@ class Selection:
                 "skipped": dict(self.skipped), "selector_flops": self.selector_flops, "details": self.details,
                 "score_distributions": dist}
 
-    def write(self, out_path: str | Path) -> Path:
-        """The subset as jsonl (training order, each record plus its "index") and `<out>.report.json`."""
+    def write(self, out_path: str | Path, rows=None) -> Path:
+        """The subset as jsonl, in training order, and `<out>.report.json` (its "kept" lists each written line's
+        record index and tokens). With `rows` (the rows as read, indexed by a record's "id": TokenizedData's
+        train_source) each line is the original row, every column as it was, so the file trains as `data.train`
+        as it is; without, the canonical record plus its "index"."""
         if self.records is None:
             raise DataError("this Selection carries no records to write; call select_subset(...) to get one")
         out = Path(out_path)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w", encoding="utf-8") as f:
             for i in self.indices:
-                f.write(json.dumps({**self.records[i], "index": i}, ensure_ascii=False) + "\n")
+                row = {**self.records[i], "index": i} if rows is None else rows[int(self.records[i]["id"])]
+                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
         rep = out.with_suffix(".report.json")
         full = self.report()
+        full["kept"] = [{"index": i, "n_tokens": self.records[i].get("n_tokens")} for i in self.indices]
         full["dropped"] = {str(i): d for i, d in sorted(self.dropped.items())}
         rep.write_text(json.dumps(full, indent=1, default=float))
         return rep

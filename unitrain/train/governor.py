@@ -440,17 +440,21 @@ class Governor:
         return d
 
     def progress(self) -> dict:
+        """What was used, and the fraction of what: of the budget when there is one, else of the plan's FLOPs
+        (`fraction_of_plan`: with no budget there is no fraction of it). Hours are wall × ranks: GPU-hours on GPUs,
+        process-hours on a CPU run."""
         flops_used = self._flops_used()
-        flops_budget = self.budget.value if self.budget and self.budget.kind == "flops" else self.planned_flops
+        wall = self.train_s + self.eval_s + self.selection_s
+        hours = "process_hours_used" if self.plan.resources.on_cpu else "gpu_hours_used"
+        out = {"step": self.steps, "flops_used": flops_used, "tokens_seen": self.tokens, "wall_s": wall,
+               hours: wall * self.world_size / 3600.0}
         if self.budget is not None:
-            frac = self._used() / self.budget.value
+            out |= {"budget_kind": self.budget.kind, "budget_used": self._used(),
+                    "fraction_of_budget": self._used() / self.budget.value}
         else:
-            frac = flops_used / self.planned_flops if self.planned_flops else 0.0
-        return {"step": self.steps, "flops_used": flops_used, "flops_budget": flops_budget,
-                "tokens_seen": self.tokens, "wall_s": self.train_s + self.eval_s + self.selection_s,
-                "gpu_hours_used": (self.train_s + self.eval_s + self.selection_s) * self.world_size / 3600.0,
-                "budget_kind": self.budget.kind if self.budget else None,
-                "fraction_of_budget": frac}
+            out |= {"planned_flops": self.planned_flops,
+                    "fraction_of_plan": flops_used / self.planned_flops if self.planned_flops else 0.0}
+        return out
 
     _STATE = ("steps", "tokens", "train_flops", "eval_flops", "selection_flops", "train_s", "eval_s", "selection_s",
               "step_cost_ema",
@@ -525,14 +529,16 @@ class Governor:
             last = self.stop_decision
         T = last["horizon_step"] if last else float(self.max_steps)
         F = self._flops_per_step()
-        used_flops = self._flops_used()
+        used_flops, prog = self._flops_used(), self.progress()
+        hours = "process_hours_used" if "process_hours_used" in prog else "gpu_hours_used"
+        of = ({"fraction_of_budget": prog["fraction_of_budget"]} if self.budget is not None else
+              {"planned_flops": prog["planned_flops"], "fraction_of_plan": prog["fraction_of_plan"]})
         report = {
             "budget": asdict(self.budget) if self.budget else None,
             "used": {"flops": used_flops, "train_flops": self.train_flops, "eval_flops": self.eval_flops,
                      "selection_flops": self.selection_flops, "tokens": self.tokens,
-                     "gpu_hours": self.progress()["gpu_hours_used"], "wall_s": self.progress()["wall_s"],
-                     "steps": self.steps},
-            "fraction_of_budget": self.progress()["fraction_of_budget"],
+                     hours.removesuffix("_used"): prog[hours], "wall_s": prog["wall_s"], "steps": self.steps},
+            **of,
             "planned_steps": self.max_steps, "final_step": final_step,
             "stop": {k: self.stop_decision[k] for k in ("step", "reason", "detail")} if self.stop_decision
             else None,
@@ -542,7 +548,8 @@ class Governor:
             "fit": last["fit"] if last else None,
             "prediction": self.prediction_report(final_step, final_eval_loss),
             "compute_saved": {"steps": max(0.0, T - final_step), "flops": max(0.0, T - final_step) * F,
-                              "fraction": max(0.0, 1.0 - self.progress()["fraction_of_budget"])},
+                              "fraction": max(0.0, 1.0 - prog.get("fraction_of_budget", prog.get("fraction_of_plan",
+                                                                                                       0.0)))},
             "warnings": self.warnings,
         }
         if self.run_dir is None:

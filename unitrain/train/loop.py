@@ -193,6 +193,7 @@ class Trainer:
             dt = time.perf_counter() - t0
             flops = p.compute.flops_per_slot * padded  # FLOPs are charged on forwarded slots, padding included
             self.step_times.append(dt)
+            self.tracker.tick(self.step, dt)
             if len(self.step_times) == CALIBRATION_STEPS:
                 self._calibrate()
             self.state["tokens"] += tokens
@@ -278,6 +279,7 @@ class Trainer:
         total, count = dist.all_sum(total, self.device), dist.all_sum(count, self.device)
         loss = total / count if count else float("nan")
         dt = time.perf_counter() - t0
+        self.tracker.eval_done(dt)
         self.governor.account_eval(ev.flops, dt)
         self.state["evals"].append([step, loss])
         if observe:

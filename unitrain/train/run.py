@@ -100,6 +100,7 @@ def run_recipe(recipe, console=None, *, replan: bool = False, plan_file: str | N
     """Plan (or load the stored plan, or the plan file), build and train one recipe; -> RunResult. Raises
     UnitrainError for anything the user can fix."""
     from unitrain import model as M
+    from unitrain.console import device_chosen
     from unitrain.plan import make_plan
     from unitrain.resources import resolve_resources
     from unitrain.train.lock import RunLock
@@ -119,6 +120,7 @@ def run_recipe(recipe, console=None, *, replan: bool = False, plan_file: str | N
         executing = (resuming or plan_file is not None) and not replan and not extend  # checked below
         spec = None if executing else resolve_resources(recipe.resources, world_size=ctx.world, mode="run")
         if spec is not None:
+            device_chosen(spec.on_cpu)  # before anything imports DeepSpeed
             preflight.check_launch(recipe, spec, ctx.world)
         tokenizer = M.load_tokenizer(recipe.model, recipe.base_dir)
         model_config = M.load_config(recipe.model, recipe.base_dir)
@@ -138,6 +140,7 @@ def run_recipe(recipe, console=None, *, replan: bool = False, plan_file: str | N
             stored, source = _plan_to_execute(run_dir, recipe, model_config, stats, ctx, resuming, replan, plan_file)
             plan = stored or make_plan(recipe, spec, model_config, stats, world_size=ctx.world)
         plan_check.check_packages(plan)  # the packages on this machine, not the planning one's
+        device_chosen(plan.resources.on_cpu)  # (an executed plan's device; before the backend imports DeepSpeed)
         keep, subset = choose_subset(tok, cleaning, recipe, plan)
         data = pipeline.finalize(tok, recipe, tokenizer.pad_token_id, keep, subset)
         if len(data.train) < 1:
@@ -220,8 +223,11 @@ def _train_and_score(trainer, recipe, data, tok, run_dir, ctx, selection_cost):
     if em_n and ctx.world > 1 and trainer.plan.execution.zero_stage == 3:
         em_n = 0  # generation runs on rank 0 alone; ZeRO-3 would need every rank for each forward
         log.warning("exact match skipped: not supported with ZeRO-3 across several ranks")
-    em_before = _exact_match(trainer, data, recipe, em_n) if em_n and trainer.step == 0 and ctx.is_main else None
-    result = trainer.train()
+    try:
+        em_before = _exact_match(trainer, data, recipe, em_n) if em_n and trainer.step == 0 and ctx.is_main else None
+        result = trainer.train()
+    finally:  # an error mid-run: the progress bar stops (and gives the cursor back) before the message
+        trainer.tracker.close()
     if em_n and ctx.is_main and result.exit_code == 0:
         result.initial_exact_match = em_before[0] if em_before else None
         result.exact_match, rows = _exact_match(trainer, data, recipe, em_n)

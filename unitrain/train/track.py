@@ -1,4 +1,5 @@
-"""Where metrics go: metrics.jsonl (always), wandb (online/offline/disabled), a rich progress bar."""
+"""Where metrics go: metrics.jsonl (always), wandb (online/offline/disabled), the console: a plain line per logged
+step, and on a terminal a progress bar under them (unitrain.train.progress)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import os
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from unitrain.train.checkpoint import die_at, fault
+from unitrain.train.progress import Eta, TerminalBar, step_line
 
 
 HIGH_MARK = ".max_logged_step"
@@ -25,7 +26,8 @@ class Tracker:
         self.console = console or Console(stderr=True)
         self.path = run_dir / "metrics.jsonl"
         self.wandb = None
-        self.progress = None
+        self.progress = None  # the TerminalBar, on a terminal
+        self.eta = Eta.from_plan(plan_dict)
         if not active:
             return
         if recipe.output.resume == "never":  # training from scratch: a new wandb run, nothing to skip
@@ -43,11 +45,24 @@ class Tracker:
                                     config={"recipe": recipe.to_dict(), "plan": plan_dict}, resume="allow",
                                     id=_wandb_id(run_dir))
         if recipe.tracking.progress and self.console.is_terminal:
-            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                     TimeRemainingColumn(), console=self.console, transient=False)
-            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
-            self.progress.start()
+            from unitrain.console import adopt_library_loggers
+
+            adopt_library_loggers()  # imported since the command started (DeepSpeed): not onto the bar
+            self.progress = TerminalBar(self.console, start_step, total_steps, self.eta)
+
+    def tick(self, step: int, seconds: float) -> None:
+        """One optimizer step done (every step, logged or not): the bar's position and the ETA's measurements."""
+        if not self.active:
+            return
+        self.eta.add_step(seconds)
+        if self.progress is not None:
+            self.progress.update({"step": step})
+
+    def eval_done(self, seconds: float) -> None:
+        if self.active:
+            self.eta.add_eval(seconds)
+            if self.progress is not None:
+                self.progress.eval_done()
 
     def log(self, row: dict) -> None:
         if not self.active:
@@ -62,18 +77,15 @@ class Tracker:
             f.write(line)
         if self.wandb is not None and row.get("step", 0) > self.wandb_done:
             self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step"))
-        if self.progress is not None:
-            info = " ".join(f"{k}={row[k]:.4g}" for k in ("loss", "eval_loss", "lr", "tok_per_s", "budget_used")
-                            if isinstance(row.get(k), (int, float)))
-            self.progress.update(self.task, completed=row.get("step", 0), info=info)
-        elif "loss" in row or "eval_loss" in row:
-            keys = ("step", "loss", "eval_loss", "lr", "grad_norm", "tok_per_s", "budget_used")
-            self.console.print(" ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
-                                        for k in keys if k in row), highlight=False)
+        if self.progress is not None:  # first: printing the line redraws the bar under it
+            self.progress.update(row)
+        shown = step_line(row)
+        if shown is not None:
+            self.console.print(shown, highlight=False, markup=False)
 
     def set_total(self, total: int) -> None:
         if self.progress is not None:
-            self.progress.update(self.task, total=total)
+            self.progress.state.total = total
 
     def log_image(self, key: str, path: Path) -> None:
         if self.wandb is not None and path.exists():
@@ -86,10 +98,13 @@ class Tracker:
             self.wandb.summary.update({k: v for k, v in values.items() if isinstance(v, (int, float, str))})
 
     def close(self) -> None:
+        """Idempotent: the loop closes at its end, the run's error path again."""
         if self.progress is not None:
             self.progress.stop()
+            self.progress = None
         if self.wandb is not None:
             self.wandb.finish()
+            self.wandb = None
 
 
 def _wandb_id(run_dir: Path) -> str:
