@@ -144,6 +144,34 @@ def test_log_output_is_plain_whole_lines(recipe_file, tmp_path):
     # unitrain's own, so just the message
     assert not [n for n in NOISE_LINES if n in text], [line for line in lines if any(n in line for n in NOISE_LINES)]
     _summary_fractions_say_of_what(recipe.run_dir)
+    _summary_says_where_the_time_went(recipe.run_dir, lines)
+
+
+def _summary_says_where_the_time_went(run_dir, lines) -> None:
+    """summary.json's `seconds`: every phase of the run, adding up to its total; the step phase is the sum of the
+    step times metrics.jsonl logged (every step is logged here); the last lines say it too."""
+    from unitrain.train.timing import time_line
+
+    sec = json.loads((run_dir / "summary.json").read_text())["seconds"]
+    assert {"startup", "data", "plan", "model", "exact match", "steps", "evals", "checkpoints", "export"} <= set(sec)
+    assert all(v >= 0 for v in sec.values())
+    assert sum(v for k, v in sec.items() if k != "total") == pytest.approx(sec["total"], abs=0.05)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    assert sum(r.get("step_s", 0.0) for r in rows) == pytest.approx(sec["steps"], abs=0.05)
+    assert time_line(sec) in lines
+
+
+def test_time_line_adds_up_and_names_the_largest_first():
+    from unitrain.train.timing import Timings, time_line
+
+    t = Timings(start=0.0)
+    t.add("steps", 90.0)
+    t.add("exact match", 30.0)
+    t.add("steps", 30.0)
+    t.add("plan", 0.5)
+    rep = t.report(now=200.0)  # the run ends 200 s after it began
+    assert rep == {"plan": 0.5, "exact match": 30.0, "steps": 120.0, "other": 49.5, "total": 200.0}
+    assert time_line(rep) == "time 3:20: steps 2:00 (60%), other 0:50 (25%), exact match 0:30 (15%)"  # plan < 1%
 
 
 def test_terminal_bar_fits_80_columns_with_lines_above(recipe_file, tmp_path):

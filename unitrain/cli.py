@@ -158,6 +158,10 @@ def cmd_run(args, console) -> int:
         console.print(line, highlight=False)
         for extra in _governor_lines(result.extra.get("governor") or {}):
             console.print(extra, highlight=False)
+        if result.seconds:
+            from unitrain.train.timing import time_line
+
+            console.print(time_line(result.seconds), highlight=False)
         console.print(f"run directory: {result.run_dir}", highlight=False)
     return result.exit_code
 

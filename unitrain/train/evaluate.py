@@ -50,8 +50,10 @@ def normalize_answer(text: str) -> str:
 
 @torch.no_grad()
 def exact_match(model, tokenizer, examples, use_template: bool, max_new_tokens: int = 64,
-                batch_size: int = 16) -> tuple[float, list[dict]]:
-    """Greedy-generate the last assistant turn of each example and compare normalized answers."""
+                batch_size: int = 64) -> tuple[float, list[dict]]:
+    """Greedy-generate the last assistant turn of each example and compare normalized answers. Decoding is
+    sequential per batch, so few large batches are faster (48 examples on 2 CPU cores: 4.7 s as one batch, 6.0 s
+    in batches of 16); a batch's KV cache is small next to training's activations."""
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side

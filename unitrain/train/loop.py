@@ -35,6 +35,7 @@ from unitrain.train import checkpoint as ckpt
 from unitrain.train.evaluate import eval_loss, exact_match
 from unitrain.train.memory_check import MemoryCheck
 from unitrain.train.schedule import Schedule
+from unitrain.train.timing import Timings
 from unitrain.train.track import Tracker
 
 log = logging.getLogger("unitrain")
@@ -53,12 +54,15 @@ class RunResult:
     initial_exact_match: float | None = None
     exit_code: int = 0
     extra: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)  # where the wall time went: timing.Timings.report()
 
 
 class Trainer:
     def __init__(self, recipe, plan: Plan, data: PreparedData, model, tokenizer, run_dir: Path, console=None,
-                 extend_from: Path | None = None):
-        """`extend_from`: a pre-cooldown checkpoint of this run to continue from under `plan`, a longer one."""
+                 extend_from: Path | None = None, timings: Timings | None = None):
+        """`extend_from`: a pre-cooldown checkpoint of this run to continue from under `plan`, a longer one.
+        `timings`: the run's phase clock (steps, evals, checkpoints, export are added to it)."""
+        self.timings = timings or Timings()
         self.recipe, self.plan, self.data = recipe, plan, data
         self.extend_from = extend_from
         self.model, self.tokenizer, self.run_dir = model, tokenizer, run_dir
@@ -137,9 +141,10 @@ class Trainer:
         """The state just before an LR cooldown begins: what `unitrain run --extend` continues from."""
         if not self.recipe.output.keep_pre_cooldown or self.plan.length.schedule != "wsd":
             return
-        ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.backend, self._trainer_state(),
-                             self.recipe.output.keep_last, self.ctx.rank, dist.barrier,
-                             name=f"pre-cooldown-step-{self.step}")
+        with self.timings.phase("checkpoints"):
+            ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.backend, self._trainer_state(),
+                                 self.recipe.output.keep_last, self.ctx.rank, dist.barrier,
+                                 name=f"pre-cooldown-step-{self.step}")
 
     def _on_sigterm(self, signum, frame) -> None:
         self._sigterm = True
@@ -193,6 +198,7 @@ class Trainer:
             dt = time.perf_counter() - t0
             flops = p.compute.flops_per_slot * padded  # FLOPs are charged on forwarded slots, padding included
             self.step_times.append(dt)
+            self.timings.add("steps", dt)
             self.tracker.tick(self.step, dt)
             if len(self.step_times) == CALIBRATION_STEPS:
                 self._calibrate()
@@ -260,8 +266,9 @@ class Trainer:
         if self.ctx.is_main:
             from unitrain.model import export
 
-            export(self.backend.unwrap(), self.tokenizer, self.run_dir / "final", self.plan.execution.method,
-                   self.recipe.output.merge, state_dict=full_state)
+            with self.timings.phase("export"):
+                export(self.backend.unwrap(), self.tokenizer, self.run_dir / "final", self.plan.execution.method,
+                       self.recipe.output.merge, state_dict=full_state)
             self.tracker.log_image("governor", self.run_dir / "governor.png")
         result.steps, result.stop_reason, result.final_eval_loss = self.step, self.stop_reason, final_eval
         result.extra["governor"] = report
@@ -279,6 +286,7 @@ class Trainer:
         total, count = dist.all_sum(total, self.device), dist.all_sum(count, self.device)
         loss = total / count if count else float("nan")
         dt = time.perf_counter() - t0
+        self.timings.add("evals", dt)
         self.tracker.eval_done(dt)
         self.governor.account_eval(ev.flops, dt)
         self.state["evals"].append([step, loss])
@@ -293,8 +301,9 @@ class Trainer:
                 "governor": self.governor.state_dict(), "plan_fingerprint": self._plan_fingerprint()}
 
     def _save(self) -> None:
-        ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.backend, self._trainer_state(),
-                             self.recipe.output.keep_last, self.ctx.rank, dist.barrier)
+        with self.timings.phase("checkpoints"):
+            ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.backend, self._trainer_state(),
+                                 self.recipe.output.keep_last, self.ctx.rank, dist.barrier)
 
     def _calibrate(self) -> None:
         """Measured beats modelled: store measured/predicted memory and step time for later plans."""

@@ -105,7 +105,9 @@ def run_recipe(recipe, console=None, *, replan: bool = False, plan_file: str | N
     from unitrain.resources import resolve_resources
     from unitrain.train.lock import RunLock
     from unitrain.train.loop import Trainer
+    from unitrain.train.timing import Timings
 
+    timings = Timings()
     ctx = dist.init()
     lock, created, done = None, not recipe.run_dir.exists(), False
     try:
@@ -122,27 +124,32 @@ def run_recipe(recipe, console=None, *, replan: bool = False, plan_file: str | N
         if spec is not None:
             device_chosen(spec.on_cpu)  # before anything imports DeepSpeed
             preflight.check_launch(recipe, spec, ctx.world)
-        tokenizer = M.load_tokenizer(recipe.model, recipe.base_dir)
-        model_config = M.load_config(recipe.model, recipe.base_dir)
+        with timings.phase("startup"):  # torch and transformers are imported here
+            tokenizer = M.load_tokenizer(recipe.model, recipe.base_dir)
+            model_config = M.load_config(recipe.model, recipe.base_dir)
         if recipe.model.max_layers:
             model_config.num_hidden_layers = min(model_config.num_hidden_layers, recipe.model.max_layers)
         preflight.check_model(recipe, model_config, tokenizer)  # before the data and the weights
-        tok, cleaning, stats = prepare_data(recipe, tokenizer, ctx)
+        with timings.phase("data"):
+            tok, cleaning, stats = prepare_data(recipe, tokenizer, ctx)
         preflight.check_token_ids(tok, model_config)
-        extend_from, source = None, ""
-        if extend:  # a longer plan, continued from the state just before the old one's LR cooldown
-            old = resume.stored_plan(run_dir, recipe, extend=True)
-            pre = ckpt.pre_cooldown(run_dir / "checkpoints")
-            plan = resume.check_extension(old, make_plan(recipe, spec, model_config, stats, world_size=ctx.world),
-                                          pre, run_dir)
-            extend_from, stored = pre[1], None
-        else:
-            stored, source = _plan_to_execute(run_dir, recipe, model_config, stats, ctx, resuming, replan, plan_file)
-            plan = stored or make_plan(recipe, spec, model_config, stats, world_size=ctx.world)
+        with timings.phase("plan"):
+            extend_from, source = None, ""
+            if extend:  # a longer plan, continued from the state just before the old one's LR cooldown
+                old = resume.stored_plan(run_dir, recipe, extend=True)
+                pre = ckpt.pre_cooldown(run_dir / "checkpoints")
+                new = make_plan(recipe, spec, model_config, stats, world_size=ctx.world)
+                plan = resume.check_extension(old, new, pre, run_dir)
+                extend_from, stored = pre[1], None
+            else:
+                stored, source = _plan_to_execute(run_dir, recipe, model_config, stats, ctx, resuming, replan,
+                                                  plan_file)
+                plan = stored or make_plan(recipe, spec, model_config, stats, world_size=ctx.world)
         plan_check.check_packages(plan)  # the packages on this machine, not the planning one's
         device_chosen(plan.resources.on_cpu)  # (an executed plan's device; before the backend imports DeepSpeed)
-        keep, subset = choose_subset(tok, cleaning, recipe, plan)
-        data = pipeline.finalize(tok, recipe, tokenizer.pad_token_id, keep, subset)
+        with timings.phase("data"):
+            keep, subset = choose_subset(tok, cleaning, recipe, plan)
+            data = pipeline.finalize(tok, recipe, tokenizer.pad_token_id, keep, subset)
         if len(data.train) < 1:
             raise UnitrainError("the training data packs into no sequence; add data or lower data.max_length")
         # Everything is resolved: only now does the run directory change.
@@ -156,13 +163,15 @@ def run_recipe(recipe, console=None, *, replan: bool = False, plan_file: str | N
                 _say(console, f"{'resuming' if resuming else 'executing'}: the plan from {source}")
             _print_plan(plan, console)
         dist.barrier()
-        model = M.load_model(recipe.model, plan.execution, recipe.training.seed, recipe.base_dir)
-        model = M.apply_method(model, plan.execution.method, recipe.method.lora, plan.execution.checkpointing)
-        M.apply_checkpointing(model, plan.execution.checkpointing)
-        kernel_report = M.apply_kernels(model, plan.execution.kernels, recipe.training.kernels)
+        with timings.phase("model"):
+            model = M.load_model(recipe.model, plan.execution, recipe.training.seed, recipe.base_dir)
+            model = M.apply_method(model, plan.execution.method, recipe.method.lora, plan.execution.checkpointing)
+            M.apply_checkpointing(model, plan.execution.checkpointing)
+            kernel_report = M.apply_kernels(model, plan.execution.kernels, recipe.training.kernels)
         if kernel_report is not None and ctx.is_main:
             _say(console, f"kernels: {kernel_report}")
-        trainer = Trainer(recipe, plan, data, model, tokenizer, run_dir, console, extend_from=extend_from)
+        trainer = Trainer(recipe, plan, data, model, tokenizer, run_dir, console, extend_from=extend_from,
+                          timings=timings)
         try:
             return _train_and_score(trainer, recipe, data, tok, run_dir, ctx,
                                     (subset.get("selector_flops", 0.0), subset.get("seconds", 0.0)))
@@ -215,25 +224,31 @@ def _plan_to_execute(run_dir, recipe, model_config, stats, ctx, resuming: bool, 
 
 
 def _train_and_score(trainer, recipe, data, tok, run_dir, ctx, selection_cost):
-    """setup -> (exact match before) -> train -> (exact match after) -> summary.json."""
+    """setup -> (exact match before) -> train -> (exact match after) -> summary.json (with where the time went)."""
     from unitrain.train.loop import write_json
 
-    trainer.setup(selection_cost)
+    timings = trainer.timings
+    with timings.phase("model"):  # the backend: optimizer, DeepSpeed engine, device placement
+        trainer.setup(selection_cost)
     em_n = recipe.training.exact_match_examples if tok.format != "text" else 0
     if em_n and ctx.world > 1 and trainer.plan.execution.zero_stage == 3:
         em_n = 0  # generation runs on rank 0 alone; ZeRO-3 would need every rank for each forward
         log.warning("exact match skipped: not supported with ZeRO-3 across several ranks")
     try:
-        em_before = _exact_match(trainer, data, recipe, em_n) if em_n and trainer.step == 0 and ctx.is_main else None
+        with timings.phase("exact match"):
+            em_before = _exact_match(trainer, data, recipe, em_n) if em_n and trainer.step == 0 and ctx.is_main \
+                else None
         result = trainer.train()
     finally:  # an error mid-run: the progress bar stops (and gives the cursor back) before the message
         trainer.tracker.close()
     if em_n and ctx.is_main and result.exit_code == 0:
         result.initial_exact_match = em_before[0] if em_before else None
-        result.exact_match, rows = _exact_match(trainer, data, recipe, em_n)
+        with timings.phase("exact match"):
+            result.exact_match, rows = _exact_match(trainer, data, recipe, em_n)
         write_json(run_dir / "exact_match.json", {"before": result.initial_exact_match,
                                                   "after": result.exact_match, "examples": rows})
     if ctx.is_main:
+        result.seconds = timings.report()
         summary = {k: v for k, v in vars(result).items() if k != "run_dir"}
         summary["prediction"] = (result.extra.get("governor") or {}).get("prediction")  # predicted vs achieved
         write_json(run_dir / "summary.json", summary)
