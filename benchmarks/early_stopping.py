@@ -198,7 +198,7 @@ def run_one(pair: Pair, task: Task, tokenizer: Path, out_dir: Path, mode: str) -
             "fraction_of_budget": rep["fraction_of_budget"], "stop_step": (rep["stop"] or {}).get("step"),
             "stop_detail": (rep["stop"] or {}).get("detail"), "evals_at_stop": _evals_at_stop(g),
             "rule_would_stop_at": would_stop[0] if would_stop else None, "evals": len(g["evals"]),
-            "wall_s": wall}
+            "wall_s": wall, "prediction": rep.get("prediction")}
 
 
 def _evals_at_stop(g: dict) -> int | None:
@@ -227,6 +227,44 @@ def spread(xs: list[float], pct: bool = True) -> str:
     sd = statistics.stdev(xs) * k if len(xs) > 1 else 0.0
     lo, hi = min(xs) * k, max(xs) * k
     return f"{m:+.1f} ± {sd:.1f} [{lo:+.1f}, {hi:+.1f}]" if pct else f"{m:.3g} ± {sd:.2g}"
+
+
+def prediction_lines(pairs: list[Pair]) -> list[str]:
+    """Predicted vs achieved final eval loss, every run: the plan's prediction (from the learning curve an earlier
+    run on the same task stored; none for a task's first run), and the governor's first and last refined ones."""
+    rows, got = [], {"plan": [], "refined_first": [], "refined_last": []}
+
+    def cell(p, kind):
+        if not p or p.get("loss") is None:
+            return "–"
+        if p.get("covered") is not None:
+            got[kind].append((p["covered"], p["high"] - p["low"], p["loss"]))
+        return f"{p['loss']:.4f} [{p['low']:.4f}, {p['high']:.4f}]" + ("" if p.get("covered") is None else
+                                                                       " ✓" if p["covered"] else " ✗")
+
+    for pr in pairs:
+        for mode in ("full", "governor"):
+            r = pr.runs.get(mode) or {}
+            pred = r.get("prediction")
+            if not pred:
+                continue
+            rows.append(f"| {pr.task} | {pr.budget_epochs:g} | {pr.seed} | {mode} | {r['steps']} | "
+                        f"{pred['achieved']:.4f} | {cell(pred['plan'], 'plan')} | "
+                        f"{cell(pred.get('refined_first'), 'refined_first')} | "
+                        f"{cell(pred.get('refined_last'), 'refined_last')} |")
+    if not rows:
+        return []
+    out = ["", "## Predicted against achieved final eval loss (80 % intervals)", "",
+           "The plan's prediction comes from the learning curve stored by the task's previous run (same model, method, "
+           "lr and data; another budget or seed), read at this run's effective tokens; the refined ones from the "
+           "governor's fit at its first and its last decision, read at the step the run ended.", ""]
+    for kind, xs in got.items():
+        if xs:
+            out.append(f"- {kind}: {sum(c for c, _, _ in xs)}/{len(xs)} covered ({sum(c for c, _, _ in xs) / len(xs):.0%}"
+                       f", nominal 80 %), mean width {statistics.fmean(w for _, w, _ in xs):.3f} nats "
+                       f"({statistics.fmean(w / l for _, w, l in xs):.1%} of the loss)")
+    return out + ["", "| task | epochs | seed | mode | steps | achieved | plan | first refined | last refined |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"] + rows
 
 
 def report(pairs: list[Pair], command: str, wall: float) -> str:
@@ -276,6 +314,7 @@ def report(pairs: list[Pair], command: str, wall: float) -> str:
         for p, r in stops:
             lines.append(f"- {p.task}, {p.budget_epochs:g} epochs, seed {p.seed}: step {r['stop_step']} of "
                          f"{p.steps}, after {r['evals_at_stop']} evals — {r['stop_detail']}")
+    lines += prediction_lines(pairs)
     lines += ["", "## Every run", "",
               "| task | epochs | seed | mode | steps | stop | rule would stop at | FLOPs | of budget | final eval | "
               "held-out loss | wall s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
