@@ -185,3 +185,103 @@ def test_published_shape_peak_within_goal(method, ckpt, accum):
     """SmolLM2-135M at seq 1024: the cases the formula before missed most (full + checkpointing with two
     micro-batches under-predicted; LoRA + checkpointing over-predicted)."""
     check(*traced(dict(KNOWN_CONFIGS["HuggingFaceTB/SmolLM2-135M"]), method, ckpt, accum, seq=1024))
+
+
+GPT2 = dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=2048, n_positions=256)
+
+
+def _gpt2_recipe(tmp_path, **training):
+    import yaml
+
+    recipe = {"name": "g", "model": {"config": GPT2, "tokenizer": "HuggingFaceTB/SmolLM2-135M"},
+              "data": {"train": "org/dataset", "max_length": 128}, "method": {"name": "full"},
+              "training": {"global_batch_size": 2, "micro_batch_size": 2, "gradient_checkpointing": "off",
+                           "max_steps": 2, **training},
+              "resources": {"gpus_per_node": 1, "gpu_memory": "24GiB", "accelerator": "H100"}}
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_a_trace_is_stored_for_the_family_and_later_plans_use_it(tmp_path, capsys):
+    """`plan --trace` on an architecture the formula gets wrong (GPT-2) stores the trace's factors for the family ×
+    method × checkpointing; the next plain `plan` (and a run's, from a transformers config object) applies them:
+    its allocated peak is the traced one, and it says so; `calibrate --reset KEY` forgets them."""
+    import json
+
+    from unitrain.cli import main
+    from unitrain.plan import calibrate, make_plan
+    from unitrain.recipe import load_recipe
+
+    path = _gpt2_recipe(tmp_path)
+    recipe = load_recipe(str(path), [], check_files=False)
+    before = make_plan(recipe)
+    assert not before.calibration.traced
+    assert main(["plan", str(path), "--trace"]) == 0
+    out = capsys.readouterr().out
+    assert "stored for this model family, full, checkpointing off" in out
+    [entry] = [e for e in calibrate.entries() if e.kind == "trace"]
+    assert entry.key.startswith("trace|gpt2|") and entry.key.endswith("|full|ckpt=off") and entry.factors
+    after = make_plan(recipe)
+    assert after.calibration.traced["factors"] == entry.factors
+    assert abs(after.memory.allocated_peak / entry.facts["trace_peak"] - 1) <= 0.01
+    assert abs(before.memory.allocated_peak / entry.facts["trace_peak"] - 1) > 0.05  # the formula alone was off
+    from transformers import GPT2Config
+
+    as_run = make_plan(recipe, model_config=GPT2Config(**{k: v for k, v in GPT2.items() if k != "model_type"}))
+    assert as_run.calibration.traced["key"] == entry.key  # the family's key does not depend on how the config came
+    assert main(["plan", str(path)]) == 0
+    assert "memory from a trace:" in capsys.readouterr().out
+    other = make_plan(load_recipe(str(path), ["training.gradient_checkpointing=full"], check_files=False))
+    assert not other.calibration.traced  # traced without checkpointing: says nothing about recomputation
+    assert main(["calibrate", "--reset", entry.key]) == 0
+    assert not make_plan(recipe).calibration.traced
+    assert json.loads(after.to_json())["calibration"]["traced"]["key"] == entry.key
+
+
+def test_an_agreeing_trace_stores_nothing(tmp_path, capsys):
+    import yaml
+
+    from unitrain.cli import main
+    from unitrain.plan import calibrate
+
+    recipe = {"name": "t", "model": {"config": dict(LLAMA, max_position_embeddings=512),
+                                     "tokenizer": "HuggingFaceTB/SmolLM2-135M"},
+              "data": {"train": "org/dataset", "max_length": 128}, "method": {"name": "lora"},
+              "training": {"global_batch_size": 2, "micro_batch_size": 1, "gradient_checkpointing": "off",
+                           "max_steps": 2},
+              "resources": {"gpus_per_node": 1, "gpu_memory": "24GiB", "accelerator": "H100"}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["plan", str(path), "--trace"]) == 0
+    assert "the formula matches the trace within 1 % here: nothing stored" in capsys.readouterr().out
+    assert not [e for e in calibrate.entries() if e.kind == "trace"]
+
+
+def test_a_trace_that_shows_the_plan_does_not_fit_changes_it(tmp_path, capsys):
+    """GPT-2 without checkpointing holds ~6× the activations the Llama formula predicts: on a GPU where the formula
+    says it fits, `plan --trace` finds it does not, re-plans with the trace's numbers and traces the new choice too
+    (until the choice is traced); a later plain `plan` makes that same plan from the store."""
+    import yaml
+
+    from unitrain.cli import main
+    from unitrain.plan import make_plan
+    from unitrain.recipe import load_recipe
+
+    recipe = {"name": "g", "model": {"config": dict(GPT2, n_embd=256, n_layer=4, vocab_size=8192, n_positions=1024,
+                                                    bos_token_id=0, eos_token_id=0),
+                                     "tokenizer": "HuggingFaceTB/SmolLM2-135M"},
+              "data": {"train": "org/dataset", "max_length": 1024}, "method": {"name": "full"},
+              "training": {"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 2},
+              "resources": {"gpus_per_node": 1, "gpu_memory": "3.5GiB", "accelerator": "H100"}}
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    r = load_recipe(str(path), [], check_files=False)
+    assert make_plan(r).execution.checkpointing == "off"  # the formula alone: fits without recomputation
+    assert main(["plan", str(path), "--trace"]) == 0
+    out = capsys.readouterr().out
+    assert "the trace changes the plan: full, ZeRO-0, adamw, checkpointing off" in out
+    after = make_plan(r)
+    assert after.execution.checkpointing != "off" and after.calibration.traced
+    assert f"checkpointing {after.execution.checkpointing}: " in out.split("the trace changes the plan")[-1]
+    assert after.memory.peak <= after.memory.usable

@@ -235,6 +235,11 @@ def cmd_plan(args, console) -> int:
         scanned = _scan(recipe, required=args.scan_data)
         stats = scanned[2] if scanned else None
     plan = make_plan(recipe, data_stats=stats)
+    trace_lines: list[str] = []
+    if args.trace:  # stores the trace's numbers for this model family; the plan shown is the one made with them
+        from unitrain.train.trace import trace_and_record
+
+        trace_lines, plan = trace_and_record(plan, recipe, stats)
     if args.json:
         print(plan.to_json())
     else:
@@ -244,11 +249,9 @@ def cmd_plan(args, console) -> int:
         Console(stderr=True).print(f"plan written to {args.out}; execute it with `unitrain run {args.recipe} --plan "
                                    f"{args.out}` (it checks the world size, accelerator and memory it finds)",
                                    highlight=False, markup=False)
-    if args.trace:
-        from unitrain.train.trace import plan_trace_lines
-
+    if trace_lines:
         out = Console(stderr=True) if args.json else console  # keep stdout parseable JSON
-        out.print("\n".join(plan_trace_lines(plan, recipe)), highlight=False, markup=False, soft_wrap=True)
+        out.print("\n".join(trace_lines), highlight=False, markup=False, soft_wrap=True)
     if args.deepspeed_config:
         ds = plan.execution.deepspeed
         if ds is None:

@@ -181,7 +181,12 @@ def make_plan(recipe, spec=None, model_config=None, data_stats: DataStats | None
     keys = {m: calibrate.fingerprint(spec.accelerator, shape.name, shape.total_params, m, precision_key)
             for m in recipe.methods}
     stored = {m: calibrate.lookup(k) for m, k in keys.items()}
-    scales = {m: _scale(e.factors) if e else {} for m, e in stored.items()}
+    scales: dict = {m: _scale(e.factors) if e else {} for m, e in stored.items()}
+    # A trace of this model family (`unitrain plan --trace`) corrects the formula where no run has measured it yet:
+    # per method and checkpointing, what the search reads before the method's own factors.
+    traced = {mc: e for mc, e in calibrate.traced_scales(shape).items()
+              if mc[0] in scales and not stored[mc[0]] and e.factors}
+    scales.update({mc: dict(e.factors) for mc, e in traced.items()})
     best, cands, refusals = run_search(recipe, spec, shape, seq_len, scales)
     if best is None:
         raise _infeasible(recipe, spec, shape, cands, seq_len, refusals)
@@ -214,16 +219,19 @@ def make_plan(recipe, spec=None, model_config=None, data_stats: DataStats | None
     notes.append(f"step time: {best.time.compute:.3g} s compute at {best.time.mfu:.0%} MFU + "
                  f"{best.time.communication:.3g} s exposed communication + {best.time.offload:.3g} s offload")
     entry, scale = stored[st.method], scales[st.method]
+    trace = traced.get((st.method, str(st.checkpointing)))
     # What later measurements are divided by: the model's own prediction, before any stored factor (dividing by
     # a corrected prediction would store the residual and undo the correction on the next plan).
     raw = estimate_memory(shape, best.strategy, seq_len, spec.world_size, spec.gpus_per_node, spec.on_cpu,
-                          lora) if scale else best.memory
+                          lora) if scale or trace else best.memory
     raw_time = compute.step_time(shape, best.strategy, seq_len, t.global_batch_size, best.flops_per_token, spec,
                                  raw.trainable_params).total if scale else best.time.total
     raw_pred = calibrate.predicted_categories(raw.components, raw_time, raw.allocated_peak)
     calib = CalibrationUse(key=keys[st.method], factors=dict(entry.factors) if entry else {},
                            source=entry.source if entry else "", time=entry.time if entry else 0.0,
-                           model=raw_pred)
+                           model=raw_pred,
+                           traced={"key": trace.key, "factors": trace.factors, "source": trace.source,
+                                   "time": trace.time} if trace else {})
     tm = best.time
     return Plan(
         model=ModelSummary(name=shape.name, model_type=shape.model_type, params=shape.total_params,

@@ -6,8 +6,8 @@ what the model predicted *before* any correction, and their ratio; later plans f
 predictions by it (the plan lists what it applied and which run measured it).
 
 - Key: hardware × model × method × precision (`fingerprint`).
-- Entry: kind ("run": a training run's measurement; later work adds "trace", "curve"), source (the run
-  directory), time, predicted, measured, factors (measured / predicted, kept when in [0.25, 4]), facts (room for
+- Entry: kind ("run": a training run's measurement; "trace": `unitrain plan --trace`'s factors for a model
+  family × method × checkpointing; "curve": a finished run's learning curve), source (the run directory), time, predicted, measured, factors (measured / predicted, kept when in [0.25, 4]), facts (room for
   other measured facts: traced memory, learning-curve priors).
 - Categories (`CATEGORIES`): what a measurement can see, mapped onto the plan's memory components in one place.
   ZeRO's gradient partitions, buckets and offload staging are measured with the gradients, so they are
@@ -143,6 +143,52 @@ def record(key: str, predicted: dict, measured: dict, source: str = "", *, kind:
     data[key] = entry
     _write(path, data)
     return entry
+
+
+# ------------------------------------------------------------------------------------------------
+# Traced memory (`unitrain plan --trace`): factors per model family × method × checkpointing
+# ------------------------------------------------------------------------------------------------
+
+def family_key(shape) -> str:
+    """A model family as the memory model sees it: model_type, activation and every size of the ModelShape (the
+    same whether the shape came from config.json, a GGUF header or a transformers config object), so each plan of
+    this architecture and size finds what was traced for it."""
+    import hashlib
+
+    act = shape.config.get("hidden_act") or shape.config.get("hidden_activation") or ""
+    sizes = [shape.model_type, act, shape.hidden_size, shape.intermediate_size, shape.num_layers, shape.num_heads,
+             shape.num_kv_heads, shape.head_dim, shape.vocab_size, shape.tied_embeddings, shape.layer_params,
+             shape.norms_per_layer, shape.embedding_params, shape.lm_head_params, shape.qk_norm, shape.gated_mlp,
+             [(lin.d_in, lin.d_out) for lin in shape.linears]]
+    digest = hashlib.sha256(json.dumps(sizes, default=str).encode()).hexdigest()[:16]
+    return f"trace|{shape.model_type or '?'}|{digest}"
+
+
+def trace_key(shape, method: str, checkpointing) -> str:
+    """Where a trace's factors are stored: they differ by method (frozen base or not) and by checkpointing (what
+    the forward keeps alive), not by batch shape (every component scales with it)."""
+    return f"{family_key(shape)}|{method}|ckpt={checkpointing}"
+
+
+def record_trace(key: str, factors: dict, source: str, facts: dict | None = None,
+                 path: str | Path | None = None) -> Entry:
+    """Store `trace.trace_factors` (component factors and 'traced_peak'; empty = the formula was right)."""
+    path = Path(path) if path else default_path()
+    data = _read(path)
+    data[key] = Entry(key, "trace", source, time.time(), factors=dict(factors), facts=dict(facts or {}))
+    _write(path, data)
+    return data[key]
+
+
+def traced_scales(shape, path: str | Path | None = None) -> dict[tuple[str, str], Entry]:
+    """Every stored trace of this model family: {(method, checkpointing): entry}."""
+    prefix = family_key(shape) + "|"
+    out = {}
+    for key, e in _read(Path(path) if path else default_path()).items():
+        if e.kind == "trace" and key.startswith(prefix):
+            method, ckpt = key[len(prefix):].split("|ckpt=", 1)
+            out[(method, ckpt)] = e
+    return out
 
 
 def reset(key: str | None = None, path: str | Path | None = None) -> int:

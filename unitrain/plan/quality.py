@@ -24,8 +24,8 @@ Where the numbers come from, in order of trust:
    the prior every method learns equally per effective token).
 
 Intervals are central 80 % intervals from the fit's parameter covariance (Gauss-Newton at the solution,
-σ² from the residuals or the eval noise, whichever is larger), by the delta method; `benchmarks/budget_vs_hf.py`
-measures how often they cover the achieved loss, and how wide they are.
+σ² from the residuals or the eval noise, whichever is larger), by the delta method; `benchmarks/early_stopping.py`
+and `benchmarks/budget_vs_hf.py` report how often they cover the achieved loss, and how wide they are.
 """
 
 from __future__ import annotations

@@ -86,16 +86,23 @@ def _prediction_line(plan: Plan) -> str:
             f"{_num(p.effective_tokens)} effective tokens, from the curve measured in {p.source}")
 
 
-def _calibration_line(plan: Plan) -> str | None:
-    c = plan.calibration
-    if not c.factors:
-        return None
+def _calibration_lines(plan: Plan) -> list[str]:
     import time
 
-    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.time)) if c.time else "?"
-    factors = ", ".join(f"{k} ×{v:.3g}" for k, v in sorted(c.factors.items()))
-    return (f"calibration applied: {factors} (measured / predicted, from {c.source or 'an earlier run'} at {when}; "
-            f"`unitrain calibrate --list` shows the store, `--reset` clears it)")
+    def when(t):
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "?"
+
+    c, out = plan.calibration, []
+    if c.factors:
+        factors = ", ".join(f"{k} ×{v:.3g}" for k, v in sorted(c.factors.items()))
+        out.append(f"calibration applied: {factors} (measured / predicted, from {c.source or 'an earlier run'} at "
+                   f"{when(c.time)}; `unitrain calibrate --list` shows the store, `--reset` clears it)")
+    if c.traced:
+        factors = ", ".join(f"{k} ×{v:.3g}" for k, v in sorted(c.traced["factors"].items()))
+        out.append(f"memory from a trace: {factors} (traced / formula for this model family, "
+                   f"{plan.execution.method}, checkpointing {plan.execution.checkpointing}; {c.traced['source']} at "
+                   f"{when(c.traced.get('time'))}; `unitrain calibrate --reset {c.traced['key']}` forgets it)")
+    return out
 
 
 def plan_summary_lines(plan: Plan) -> list[str]:
@@ -122,8 +129,7 @@ def plan_summary_lines(plan: Plan) -> list[str]:
     for r in plan.rejected:
         lines.append(f"rejected: {r['strategy']} — {r['reason']}")
     lines += [f"note: {n}" for n in plan.notes]
-    cal = _calibration_line(plan)
-    return lines + ([cal] if cal else [])
+    return lines + _calibration_lines(plan)
 
 
 def _compute_line(plan: Plan) -> str:
@@ -181,6 +187,5 @@ def print_plan(plan: Plan, console=None) -> None:
         console.print(r)
     for n in plan.notes:
         console.print(f"[dim]note: {n}[/dim]", highlight=False)
-    cal = _calibration_line(plan)
-    if cal:
+    for cal in _calibration_lines(plan):
         console.print(cal, highlight=False, markup=False)

@@ -202,6 +202,7 @@ class CalibrationUse:
     source: str = ""  # the run that measured them
     time: float = 0.0
     model: dict = field(default_factory=dict)  # the model's own prediction per category, before any factor
+    traced: dict = field(default_factory=dict)  # {key, factors, source, time}: `plan --trace`'s factors applied
 
 
 @dataclass

@@ -234,12 +234,15 @@ def sort_key(c: Candidate, methods: list[str]) -> tuple:
 
 
 def search(recipe, spec, shape: ModelShape, seq_len: int, scales: dict | None = None):
-    """(best feasible candidate or None, all candidates, refusal notes). `scales`: method -> calibration factors."""
+    """(best feasible candidate or None, all candidates, refusal notes). `scales`: method -> calibration factors,
+    or (method, checkpointing) -> a trace's factors for that pair, which wins."""
     refusals: list[str] = []
     lora = LoraSpec.of(recipe.method.lora)
     strategies = enumerate_strategies(recipe, spec, shape, refusals)
     G = recipe.training.global_batch_size
-    cands = [evaluate(s, shape, spec, seq_len, G, lora, (scales or {}).get(s.method)) for s in strategies]
+    sc = scales or {}
+    cands = [evaluate(s, shape, spec, seq_len, G, lora, sc.get((s.method, str(s.checkpointing)), sc.get(s.method)))
+             for s in strategies]
     feasible = sorted((c for c in cands if c.feasible), key=lambda c: sort_key(c, recipe.methods))
     return (feasible[0] if feasible else None), cands, refusals
 

@@ -32,16 +32,14 @@ and the budget's threshold is the exchange rate at which that rest is worth ε o
 
     λ_B = ε · L(T) / (F·(T − t_e)),        ε = `stopping.min_budget_gain` (default 0.01),
 
-where the gain L(t_e) − L(T) is taken at the fit's upper confidence bound (`stopping.confidence`, default
-0.8 one-sided: gain + z·σ_gain, σ from the fit's parameter covariance by the delta method): the less certain
-the curve, the more evidence a stop needs. The rule must then hold at 2 evals in a row *and* over a stretch of
-1.25× the steps since it first held (CONFIRM_SPAN): a power law is scale-free, so evidence is counted in
-log-time, and a plateau that ends soon after it was first judged flat has its drop inside the stretch.
-
 so the rule g < λ_B reads: stop when the fitted curve says that spending the rest of the budget would
 lower the loss by less than ε of the predicted final loss L(T):  L(t_e) − L(T) < ε·L(T). The stop's
 price on the fitted curve is then ε at most, which is what the user sets (the issue's target is
-≤ 1 % higher loss). Why not the slope at t (the rule before): comparing g(t) = b·c·t^(−c−1)/F with
+≤ 1 % higher loss). The gain L(t_e) − L(T) is taken at the fit's upper confidence bound (`stopping.confidence`,
+default 0.8 one-sided: gain + z·σ_gain, σ from the fit's parameter covariance by the delta method): the less
+certain the curve, the more evidence a stop needs. The rule must then hold at 2 evals in a row *and* over a
+stretch of 1.25× the steps since it first held (CONFIRM_SPAN): a power law is scale-free, so evidence is counted
+in log-time, and a plateau that ends soon after it was first judged flat has its drop inside the stretch. Why not the slope at t (the rule before): comparing g(t) = b·c·t^(−c−1)/F with
 ε·L(T)/(F·T) extrapolates today's slope linearly over the whole budget; for the slow laws real runs
 follow at constant LR (c ≈ 0.1-0.4, or c→0 with a = 0: a log-linear decline) that overstates the
 remaining gain many times, and a stop needed the reducible loss within ~1 % of its floor: on the

@@ -579,37 +579,95 @@ def comparison_lines(trace: TraceResult, est: MemoryEstimate) -> list[str]:
 # `unitrain plan --trace`, and the trace's numbers for the planner
 # ------------------------------------------------------------------------------------------------------------------
 
-def trace_plan(plan, recipe) -> tuple[TraceResult, MemoryEstimate]:
-    """Trace the plan's chosen strategy on its model config; -> (trace, the formula's estimate of the same)."""
+def trace_and_record(plan, recipe, data_stats=None, rounds: int = 3):
+    """`unitrain plan --trace`: trace the chosen strategy and a close runner-up (candidates_to_trace), store where
+    trace and formula disagree for this model family × method × checkpointing (calibration store, kind "trace";
+    an agreeing trace removes an older entry), and plan again with those numbers, which the planner reads from the
+    store from now on. When that changes the chosen strategy, trace the new one too (at most `rounds` times).
+    -> (report lines, the plan after the trace: `plan` itself when the trace changed nothing). The factors are
+    measured without the fused kernels (they do not run on fake tensors) and applied to the family's plans with or
+    without them."""
+    from unitrain.plan import make_plan
     from unitrain.plan.shape import load_model_config, shape_from_config
 
     config, _ = load_model_config(recipe.model, recipe.base_dir)
     if recipe.model.max_layers:
         config = dict(config, num_hidden_layers=min(recipe.model.max_layers, config["num_hidden_layers"]))
-    st, notes = plan.execution, []
-    if st.kernels:  # Triton kernels cannot run on fake tensors: trace (and predict) the plan without them
-        notes.append(f"the plan's fused kernels ({'+'.join(st.kernels)}) do not run on fake tensors: traced and "
-                     f"predicted without them")
-        st = replace(st, kernels=[])
-    on_cpu = plan.resources.on_cpu
+    shape, lines, done = shape_from_config(config), [], set()
+    for _ in range(rounds):
+        for i, st in enumerate(_to_trace(plan, recipe, shape)):
+            key = (st.method, str(st.checkpointing), st.micro_batch_size, st.grad_accum, st.zero_stage)
+            if key in done:
+                continue
+            done.add(key)
+            if i:
+                lines.append(f"runner-up (rejected for memory within 10 % of the limit): {_describe(st)}")
+            lines += _trace_one(plan, recipe, config, shape, st, full_report=not lines)
+        new = make_plan(recipe, plan.resources, data_stats=data_stats)
+        if new.execution == plan.execution:
+            break
+        lines.append(f"the trace changes the plan: {_describe(plan.execution)} -> {_describe(new.execution)} "
+                     f"(peak {new.memory.peak / GiB:.2f} GiB of {new.memory.usable / GiB:.2f} usable)")
+        plan = new
+    return lines, plan
+
+
+def _to_trace(plan, recipe, shape) -> list[Execution]:
+    """The plan's strategy, and a runner-up the search preferred but rejected for memory within 10 % of the limit."""
+    from unitrain.plan.search import search, usable_memory
+
+    fixed = replace(recipe, training=replace(recipe.training, global_batch_size=plan.global_batch_size))
+    _, cands, _ = search(fixed, plan.resources, shape, plan.seq_len)
+    chosen = [c for c in cands if c.feasible and _same(c.strategy, plan.execution)]
+    usable = usable_memory(plan.resources.gpu_memory, plan.resources.on_cpu)
+    picked = candidates_to_trace(chosen[0], cands, usable, recipe.methods) if chosen else []
+    return [replace(c.strategy, kernels=[]) for c in picked] or [replace(plan.execution, kernels=[])]
+
+
+def _trace_one(plan, recipe, config: dict, shape, st: Execution, full_report: bool) -> list[str]:
+    """Trace one strategy, compare it with the formula and store (or clear) the family's factors for it."""
+    from unitrain.plan import calibrate
+
     lora = LoraSpec.of(recipe.method.lora)
-    trace = trace_memory(config, st, plan.seq_len, lora, on_cpu, recipe.training.max_grad_norm)
-    trace.notes[:0] = notes
-    if plan.world_size > 1:
-        trace.notes.append(f"one process traced; DDP's gradient buckets across the {plan.world_size} ranks are the "
-                           f"formula's comm_buffers, left out of the comparison")
-    est = estimate_memory(shape_from_config(config), st, plan.seq_len, plan.world_size, plan.resources.gpus_per_node,
-                          on_cpu, lora)
-    return trace, est
-
-
-def plan_trace_lines(plan, recipe) -> list[str]:
-    """`unitrain plan --trace`: the trace next to the formula, or why the plan cannot be traced (the plan stands)."""
     try:
-        trace, est = trace_plan(plan, recipe)
+        trace = trace_memory(config, st, plan.seq_len, lora, plan.resources.on_cpu, recipe.training.max_grad_norm)
     except TraceError as e:
         return [str(e)]
-    return comparison_lines(trace, est)
+    if plan.execution.kernels:
+        trace.notes.insert(0, f"the plan's fused kernels ({'+'.join(plan.execution.kernels)}) do not run on fake "
+                              f"tensors: traced and predicted without them")
+    if plan.world_size > 1:
+        trace.notes.append(f"one process traced; DDP's gradient buckets across the {plan.world_size} ranks are "
+                           f"the formula's comm_buffers, left out of the comparison")
+    est = estimate_memory(shape, st, plan.seq_len, plan.world_size, plan.resources.gpus_per_node,
+                          plan.resources.on_cpu, lora)
+    lines = comparison_lines(trace, est) if full_report else [
+        f"trace of {_describe(st)}: peak {trace.peak.total / GiB:.3f} GiB, formula {est.allocated_peak / GiB:.3f} GiB"]
+    factors = trace_factors(trace, est)
+    key = calibrate.trace_key(shape, st.method, st.checkpointing)
+    if factors:
+        calibrate.record_trace(key, factors, f"unitrain plan --trace ({recipe.name})",
+                               {"trace_peak": trace.peak.total, "formula_peak": est.allocated_peak,
+                                "seq_len": plan.seq_len, "micro_batch": st.micro_batch_size})
+        lines.append(f"  stored for this model family, {st.method}, checkpointing {st.checkpointing}: "
+                     + ", ".join(f"{k} ×{v:.4g}" for k, v in sorted(factors.items()))
+                     + " (later plans use the trace's numbers; `unitrain calibrate --list` shows them)")
+    else:
+        if calibrate.lookup(key):
+            calibrate.reset(key)
+        lines.append("  the formula matches the trace within 1 % here: nothing stored")
+    return lines
+
+
+def _same(a: Execution, b: Execution) -> bool:
+    keys = ("method", "zero_stage", "offload_optimizer", "offload_params", "optimizer", "checkpointing",
+            "micro_batch_size", "grad_accum")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def _describe(st: Execution) -> str:
+    return (f"{st.method}, ZeRO-{st.zero_stage}, {st.optimizer}, checkpointing {st.checkpointing}, "
+            f"micro-batch {st.micro_batch_size}×{st.grad_accum}")
 
 
 TRACE_TOLERANCE = 0.01  # below 1 % the formula is kept: the trace's residue is allocator-irrelevant
@@ -661,19 +719,12 @@ def trace_factors(trace: TraceResult, est: MemoryEstimate, tolerance: float = TR
     return factors
 
 
-_NOT_SHAPE = ("architectures", "transformers_version", "torch_dtype", "dtype", "bos_token_id", "eos_token_id",
-              "pad_token_id", "use_cache", "name_or_path")
-
-
 def config_key(config: dict) -> str:
-    """The calibration store's key for a model family's traced factors: model_type + a hash of the config without
-    its name, dtype and token ids, so every plan of the same architecture and shape shares them."""
-    import hashlib
-    import json
+    """The calibration store's name for a model family (plan/calibrate.py keeps the rule: the planner reads it)."""
+    from unitrain.plan.calibrate import family_key
+    from unitrain.plan.shape import shape_from_config
 
-    kept = {k: v for k, v in config.items() if not k.startswith("_") and k not in _NOT_SHAPE}
-    digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return f"trace|{config.get('model_type', '?')}|{digest}"
+    return family_key(shape_from_config(config))
 
 
 def candidates_to_trace(best, cands: list, usable: int, methods: list[str], margin: float = 0.10) -> list:
