@@ -7,7 +7,7 @@ caches are warmed by one untimed run of each first). Reports per version the med
 held-out exact match before and after, peak RSS, and where the time went (new: summary.json's `seconds`; old: the
 step and eval times its metrics.jsonl logged).
 
-    python benchmarks/quickstart_time.py [--runs 3] [--old-ref 17cf67a] [--out benchmarks/results/quickstart_time.md]
+    python benchmarks/quickstart_time.py [--runs 3] [--old-ref 3cae07f] [--out benchmarks/results/quickstart_time.md]
 
 The old version runs from a git worktree of --old-ref with this checkout's virtual environment (PYTHONPATH first),
 so both use the same packages; on an otherwise idle machine for the numbers the README quotes.
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-OLD_REF = "17cf67a"  # main before issue 12's work: the quickstart the issue timed
+OLD_REF = "3cae07f"  # the landed main issue 12 timed (stop 9)
 
 
 def worktree(ref: str) -> Path:

@@ -138,19 +138,24 @@ def test_a_model_that_cannot_be_built_or_adapted_falls_back_with_a_message():
         trace_memory(moe, Execution(method="lora", dtype="bfloat16"), 64, LoraSpec(8, 0.05))
 
 
-def test_plan_trace_flag(tmp_path, capsys):
+def _recipe_file(tmp_path, config: dict, method: str = "lora", max_length: int = 128, gpu_memory: str = "24GiB",
+                 **training):
+    """A planning recipe for a `config:` model on one H100-class GPU, written to tmp_path; -> its path."""
     import yaml
 
-    from unitrain.cli import main
-
-    recipe = {"name": "t", "model": {"config": dict(LLAMA, max_position_embeddings=512),
-                                     "tokenizer": "HuggingFaceTB/SmolLM2-135M"},
-              "data": {"train": "org/dataset", "max_length": 128}, "method": {"name": "lora"},
-              "training": {"global_batch_size": 2, "micro_batch_size": 1, "gradient_checkpointing": "full",
-                           "max_steps": 2},
-              "resources": {"gpus_per_node": 1, "gpu_memory": "24GiB", "accelerator": "H100"}}
+    recipe = {"name": "t", "model": {"config": config, "tokenizer": "HuggingFaceTB/SmolLM2-135M"},
+              "data": {"train": "org/dataset", "max_length": max_length}, "method": {"name": method},
+              "training": {"global_batch_size": 2, "micro_batch_size": 1, "max_steps": 2, **training},
+              "resources": {"gpus_per_node": 1, "gpu_memory": gpu_memory, "accelerator": "H100"}}
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_plan_trace_flag(tmp_path, capsys):
+    from unitrain.cli import main
+
+    path = _recipe_file(tmp_path, dict(LLAMA, max_position_embeddings=512), gradient_checkpointing="full")
     assert main(["plan", str(path), "--trace"]) == 0
     out = capsys.readouterr().out
     assert "trace: llama" in out and "peak of head backward" in out and "formula − trace" in out
@@ -190,19 +195,6 @@ def test_published_shape_peak_within_goal(method, ckpt, accum):
 GPT2 = dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=2048, n_positions=256)
 
 
-def _gpt2_recipe(tmp_path, **training):
-    import yaml
-
-    recipe = {"name": "g", "model": {"config": GPT2, "tokenizer": "HuggingFaceTB/SmolLM2-135M"},
-              "data": {"train": "org/dataset", "max_length": 128}, "method": {"name": "full"},
-              "training": {"global_batch_size": 2, "micro_batch_size": 2, "gradient_checkpointing": "off",
-                           "max_steps": 2, **training},
-              "resources": {"gpus_per_node": 1, "gpu_memory": "24GiB", "accelerator": "H100"}}
-    path = tmp_path / "g.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
 def test_a_trace_is_stored_for_the_family_and_later_plans_use_it(tmp_path, capsys):
     """`plan --trace` on an architecture the formula gets wrong (GPT-2) stores the trace's factors for the family ×
     method × checkpointing; the next plain `plan` (and a run's, from a transformers config object) applies them:
@@ -213,7 +205,7 @@ def test_a_trace_is_stored_for_the_family_and_later_plans_use_it(tmp_path, capsy
     from unitrain.plan import calibrate, make_plan
     from unitrain.recipe import load_recipe
 
-    path = _gpt2_recipe(tmp_path)
+    path = _recipe_file(tmp_path, GPT2, "full", micro_batch_size=2, gradient_checkpointing="off")
     recipe = load_recipe(str(path), [], check_files=False)
     before = make_plan(recipe)
     assert not before.calibration.traced
@@ -240,19 +232,10 @@ def test_a_trace_is_stored_for_the_family_and_later_plans_use_it(tmp_path, capsy
 
 
 def test_an_agreeing_trace_stores_nothing(tmp_path, capsys):
-    import yaml
-
     from unitrain.cli import main
     from unitrain.plan import calibrate
 
-    recipe = {"name": "t", "model": {"config": dict(LLAMA, max_position_embeddings=512),
-                                     "tokenizer": "HuggingFaceTB/SmolLM2-135M"},
-              "data": {"train": "org/dataset", "max_length": 128}, "method": {"name": "lora"},
-              "training": {"global_batch_size": 2, "micro_batch_size": 1, "gradient_checkpointing": "off",
-                           "max_steps": 2},
-              "resources": {"gpus_per_node": 1, "gpu_memory": "24GiB", "accelerator": "H100"}}
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = _recipe_file(tmp_path, dict(LLAMA, max_position_embeddings=512), gradient_checkpointing="off")
     assert main(["plan", str(path), "--trace"]) == 0
     assert "the formula matches the trace within 1 % here: nothing stored" in capsys.readouterr().out
     assert not [e for e in calibrate.entries() if e.kind == "trace"]
@@ -262,20 +245,13 @@ def test_a_trace_that_shows_the_plan_does_not_fit_changes_it(tmp_path, capsys):
     """GPT-2 without checkpointing holds ~6× the activations the Llama formula predicts: on a GPU where the formula
     says it fits, `plan --trace` finds it does not, re-plans with the trace's numbers and traces the new choice too
     (until the choice is traced); a later plain `plan` makes that same plan from the store."""
-    import yaml
-
     from unitrain.cli import main
     from unitrain.plan import make_plan
     from unitrain.recipe import load_recipe
 
-    recipe = {"name": "g", "model": {"config": dict(GPT2, n_embd=256, n_layer=4, vocab_size=8192, n_positions=1024,
-                                                    bos_token_id=0, eos_token_id=0),
-                                     "tokenizer": "HuggingFaceTB/SmolLM2-135M"},
-              "data": {"train": "org/dataset", "max_length": 1024}, "method": {"name": "full"},
-              "training": {"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 2},
-              "resources": {"gpus_per_node": 1, "gpu_memory": "3.5GiB", "accelerator": "H100"}}
-    path = tmp_path / "g.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    config = dict(GPT2, n_embd=256, n_layer=4, vocab_size=8192, n_positions=1024, bos_token_id=0, eos_token_id=0)
+    path = _recipe_file(tmp_path, config, "full", max_length=1024, gpu_memory="3.5GiB", global_batch_size=8,
+                        micro_batch_size=8)
     r = load_recipe(str(path), [], check_files=False)
     assert make_plan(r).execution.checkpointing == "off"  # the formula alone: fits without recomputation
     assert main(["plan", str(path), "--trace"]) == 0
