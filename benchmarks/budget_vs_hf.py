@@ -271,6 +271,11 @@ def job(spec: tuple) -> dict:
     task = TASKS[task_name](smoke)
     if split == "dev":  # tuning: judged on the dev split, never on the reported one
         task = Task(task.name, task.pool, task.dev, task.dev)
+    # a finished job's result is kept under --work: an interrupted two-hour run restarts where it stopped
+    done = Path(work) / "jobs" / f"{arm}-{task_name}-{budget:.6g}-s{seed}-{split}{'-smoke' if smoke else ''}-" \
+        f"{'_'.join(overrides).replace('/', '_') or 'default'}.json"
+    if done.exists():
+        return json.loads(done.read_text())
     t0 = time.perf_counter()
     try:
         out = (run_hf if arm == "B" else run_unitrain)(task, seed, budget, Path(work), smoke, overrides)
@@ -278,8 +283,12 @@ def job(spec: tuple) -> dict:
         import traceback
 
         out = {"arm": arm, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
-    return {**out, "task": task_name, "seed": seed, "budget": budget, "wall_s": time.perf_counter() - t0,
-            "overrides": list(overrides), "split": split}
+    out = {**out, "task": task_name, "seed": seed, "budget": budget, "wall_s": time.perf_counter() - t0,
+           "overrides": list(overrides), "split": split}
+    if "error" not in out:
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(out))
+    return out
 
 
 # ------------------------------------------------------------------------------------------- the report

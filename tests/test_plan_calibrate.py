@@ -132,6 +132,9 @@ def test_a_run_records_calibration_and_the_next_plan_uses_it(tiny_recipe, capsys
     if "step_time" in stored["factors"]:  # kept when within [0.25, 4] of the prediction (a sane measurement)
         assert after.compute.step_time_s == pytest.approx(before.compute.step_time_s * stored["factors"]["step_time"],
                                                           rel=1e-6)
+    else:  # a machine fast or slow enough to leave the range is told so, and the plan keeps its own step time
+        assert "step_time" in out and "not stored" in out
+        assert after.compute.step_time_s == pytest.approx(before.compute.step_time_s, rel=1e-6)
     # measuring again divides by the model's own prediction again: the factors do not compound or oscillate
     assert main(["calibrate", str(path), "--steps", "5"]) == 0
     again = json.loads((r.run_dir.parent / "tiny-calibrate" / "calibration.json").read_text())
@@ -139,6 +142,25 @@ def test_a_run_records_calibration_and_the_next_plan_uses_it(tiny_recipe, capsys
     assert again["factors"]["weights"] == stored["factors"]["weights"]
     assert main(["calibrate", "--list"]) == 0 and after.calibration.key in capsys.readouterr().out
     assert main(["calibrate", "--reset"]) == 0 and make_plan(r).calibration.factors == {}
+
+
+def test_a_factor_outside_the_sane_range_is_shown_and_not_stored(tiny_recipe, capsys, monkeypatch):
+    """A measurement far from the model (here: any step time not within 1 % of it) is printed with its ratio and
+    the reason, and neither stored nor applied, so one odd machine does not skew later plans."""
+    from unitrain.cli import main
+    from unitrain.plan import calibrate, make_plan
+    from unitrain.recipe import recipe_to_yaml
+
+    monkeypatch.setattr(calibrate, "SANE_RANGE", (0.99, 1.01))  # CPU bytes are exact (1.000); step time is not
+    r = tiny_recipe(**{"training.max_steps": 6})
+    path = r.run_dir.parent / "r.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(recipe_to_yaml(r))
+    assert main(["calibrate", str(path), "--steps", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "weights      measured / predicted = 1.000" in out
+    assert "step_time" in out and "outside [0.99, 1.01], not stored" in out
+    assert "step_time" not in make_plan(r).calibration.factors
 
 
 def test_a_relaunch_after_calibration_executes_the_same_plan(tiny_recipe, monkeypatch):

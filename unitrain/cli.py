@@ -371,8 +371,14 @@ def cmd_calibrate(args, console) -> int:
         raise UnitrainError(f"the calibration run ended after {result.steps} steps ({result.stop_reason}) before "
                             f"measuring; give it room for {args.steps} steps (a larger resources.budget)")
     cal = json.loads((result.run_dir / "calibration.json").read_text())
-    for key, factor in sorted(cal["factors"].items()):
-        console.print(f"{key:12s} measured / predicted = {factor:.3f}", highlight=False)
+    lo, hi = calibrate.SANE_RANGE
+    for key in sorted(set(cal["predicted"]) & set(cal["measured"])):
+        if key in cal["factors"]:
+            console.print(f"{key:12s} measured / predicted = {cal['factors'][key]:.3f}", highlight=False)
+        elif cal["predicted"][key]:  # a ratio this far off says the model (or the measurement) is wrong here
+            ratio = cal["measured"][key] / cal["predicted"][key]
+            console.print(f"{key:12s} measured / predicted = {ratio:.3f}: outside [{lo:g}, {hi:g}], not stored "
+                          f"(later plans keep the model's own {key})", highlight=False)
     console.print(f"stored under {cal['key']!r}; later plans for this hardware and model use these factors",
                   highlight=False)
     return result.exit_code

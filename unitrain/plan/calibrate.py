@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 STORE_VERSION = 2
-_SANE = (0.25, 4.0)  # factors outside: the model is badly wrong for this setup (or the measurement is): ignore
+SANE_RANGE = (0.25, 4.0)  # factors outside: the model is badly wrong for this setup (or the measurement is): ignore
 CATEGORIES = {  # measured category -> the plan's memory components it covers
     "weights": ("weights", "adapters"),
     "gradients": ("gradients", "comm_buffers", "offload_buffers", "offload_staging"),
@@ -136,7 +136,7 @@ def record(key: str, predicted: dict, measured: dict, source: str = "", *, kind:
         if meas is None or not pred:
             continue
         ratio = float(meas) / float(pred)
-        if _SANE[0] <= ratio <= _SANE[1]:
+        if SANE_RANGE[0] <= ratio <= SANE_RANGE[1]:
             factors[cat] = round(ratio, 4)
     data = _read(path)
     entry = Entry(key, kind, str(source), time.time(), dict(predicted), dict(measured), factors, dict(facts or {}))
