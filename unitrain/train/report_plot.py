@@ -59,7 +59,8 @@ def plot_governor(path: str | Path, evals: list, decisions: list[dict], report: 
     ax.set_ylabel("eval loss")
     saved = report.get("compute_saved", {}).get("fraction")
     ax.set_title("budget governor" + (f" — {100 * saved:.0f}% of the budget saved" if saved else ""))
-    ax.legend(fontsize=7, loc="upper right")
+    if ax.get_legend_handles_labels()[0]:  # a run with no eval has nothing to label
+        ax.legend(fontsize=7, loc="upper right")
     ax.grid(alpha=0.3)
 
     rows = [d for d in decisions if d.get("marginal_gain") is not None and d.get("step") is not None]
