@@ -31,7 +31,8 @@ from pathlib import Path
 from unitrain.plan.memory import LoraSpec, estimate_memory
 from unitrain.plan.schema import Execution
 from unitrain.plan.shape import KNOWN_CONFIGS, shape_from_config
-from unitrain.train.trace import compare, formula_phases, trace_memory, trace_phases
+from unitrain.train.trace import trace_memory
+from unitrain.train.trace_check import compare, formula_phases, trace_phases
 
 GiB = 1024**3
 SHAPES = ["HuggingFaceTB/SmolLM2-135M", "meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.1-8B", "Qwen/Qwen2.5-7B"]

@@ -7,7 +7,8 @@ import pytest
 from unitrain.plan.memory import LoraSpec, estimate_memory
 from unitrain.plan.schema import Execution
 from unitrain.plan.shape import KNOWN_CONFIGS, shape_from_config
-from unitrain.train.trace import TraceError, candidates_to_trace, compare, config_key, trace_factors, trace_memory
+from unitrain.train.trace import TraceError, trace_memory
+from unitrain.train.trace_check import candidates_to_trace, compare, config_key, trace_factors
 
 # Llama-like ratios at a tiny size: vocabulary 32 × hidden (Llama-3.1-8B: 31), FFN 2.75 × hidden, GQA.
 LLAMA = dict(model_type="llama", hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,

@@ -237,7 +237,7 @@ def cmd_plan(args, console) -> int:
     plan = make_plan(recipe, data_stats=stats)
     trace_lines: list[str] = []
     if args.trace:  # stores the trace's numbers for this model family; the plan shown is the one made with them
-        from unitrain.train.trace import trace_and_record
+        from unitrain.train.trace_check import trace_and_record
 
         trace_lines, plan = trace_and_record(plan, recipe, stats)
     if args.json:
